@@ -1,0 +1,234 @@
+"""The node agent's main loop: register the node, follow the store, reconcile, act.
+
+One cycle = one snapshot, one pure ``decide``, its actions, one logged reason. Operations
+that take time (starting, stopping, migrating) run as tasks, one per VM; the VM counts as
+busy while its task runs, so the next cycle leaves it alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import ferry
+from ferry.agent import reconcile as rc
+from ferry.agent.config import AgentConfig, resolve_accel
+from ferry.agent.context import AgentContext
+from ferry.agent.migrate_source import drive_source
+from ferry.agent.migrate_target import drive_target
+from ferry.agent.runtime import Role, Runtime
+from ferry.agent.view import StoreView
+from ferry.model import codec
+from ferry.model.errors import FerryError, LeaseExpired, StoreError
+from ferry.model.node import NodeInfo
+from ferry.model.vm import VmState, VmStatus
+from ferry.qemu.argv import Hardware
+from ferry.store.base import ClusterStore
+from ferry.store.keys import Keys
+
+log = logging.getLogger("ferry.agent")
+
+START_BACKOFF_S = (5.0, 10.0, 30.0, 60.0)
+
+
+def default_cpu_model(accel: str) -> str:
+    return "host" if accel == "kvm" else "qemu64"
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, store: ClusterStore) -> None:
+        self.config = config
+        keys = Keys(config.cluster)
+        accel = resolve_accel(config.accel)
+        hw = Hardware(accel=accel, cpu_model=config.cpu_model or default_cpu_model(accel))
+        self.wake = asyncio.Event()
+        runtime = Runtime(config.run_dir, bridge=config.bridge, qemu_binary=config.qemu_binary,
+                          on_change=self.wake.set)
+        view = StoreView(store, keys)
+        view.on_change = self.wake.set
+        self.ctx = AgentContext(config=config, store=store, keys=keys, view=view,
+                                runtime=runtime, hardware=hw)
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.failures: dict[str, tuple[int, float]] = {}  # vm -> (attempts, retry at)
+        self.last_reason = ""
+
+    async def run(self) -> None:
+        ctx = self.ctx
+        adopted = await ctx.runtime.adopt_all()
+        log.info("node %s: adopted %d running VMs: %s", self.config.node, len(adopted),
+                 ", ".join(adopted) or "-")
+        await self._register()
+        await ctx.view.load()
+        background = [
+            asyncio.create_task(ctx.view.follow(), name="watch"),
+            asyncio.create_task(self._keepalive(), name="keepalive"),
+        ]
+        try:
+            while True:
+                self.wake.clear()
+                await self.cycle()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self.config.timings.resync_s)
+        finally:
+            for t in background + list(self.tasks.values()):
+                t.cancel()
+
+    async def _register(self) -> None:
+        ctx = self.ctx
+        ctx.lease = await ctx.store.grant_lease(self.config.timings.lease_ttl)
+        info = NodeInfo(
+            name=self.config.node, cluster_address=self.config.cluster_address,
+            migration_addresses=self.config.migration_networks, bridge=self.config.bridge,
+            memory_mib=_memory_mib(), cpus=os.cpu_count() or 1, accel=ctx.hardware.accel,
+            version=ferry.__version__, started_at=time.time(),
+        )
+        await ctx.store.put(ctx.keys.node_info(self.config.node), codec.encode(info))
+        await ctx.store.put(ctx.keys.node_alive(self.config.node), str(os.getpid()),
+                            lease=ctx.lease)
+        log.info("node %s: registered (lease %x, %s, cpu %s)", self.config.node, ctx.lease,
+                 ctx.hardware.accel, ctx.hardware.cpu_model)
+
+    async def _keepalive(self) -> None:
+        interval = max(0.5, self.config.timings.lease_ttl / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.ctx.store.keepalive(self.ctx.lease)
+            except LeaseExpired:
+                log.error("node %s: lease expired; registering again", self.config.node)
+                with contextlib.suppress(StoreError):
+                    await self._register()
+            except StoreError as err:
+                log.warning("node %s: lease keepalive failed: %s", self.config.node, err)
+
+    def snapshot(self) -> rc.Snapshot:
+        view = self.ctx.view
+        keys = self.ctx.keys
+        vms: dict[str, rc.VmFacts] = {}
+        for name in view.names(keys.vms):
+            spec = view.spec(name)
+            if spec is None:
+                continue
+            owner, rev = view.owner(name)
+            vms[name] = rc.VmFacts(spec=spec, owner=owner, owner_rev=rev, status=view.status(name))
+        migrations = {}
+        for mid in view.names(keys.migrations):
+            rec = view.migration(mid)
+            if rec is not None and (not rec.phase.terminal or self._local_incoming(mid)):
+                migrations[mid] = rec
+        local = {
+            name: rc.LocalFacts(
+                role=rc.LocalRole(vm.meta.role.value), run_state=vm.run_state,
+                token=vm.meta.token, migration=vm.meta.migration, pid=vm.proc.pid,
+                since=vm.meta.started_at)
+            for name, vm in self.ctx.runtime.vms.items()
+        }
+        now = time.monotonic()
+        held = frozenset(v for v, (_, at) in self.failures.items() if at > now)
+        return rc.Snapshot(node=self.config.node, vms=vms, migrations=migrations, local=local,
+                           busy=frozenset(self.tasks), held=held)
+
+    def _local_incoming(self, mid: str) -> bool:
+        return any(v.meta.role is Role.INCOMING and v.meta.migration == mid
+                   for v in self.ctx.runtime.vms.values())
+
+    async def cycle(self) -> str:
+        plan = rc.decide(self.snapshot())
+        if plan.reason != self.last_reason or plan.actions:
+            log.info("cycle: %s", plan.reason)
+        self.last_reason = plan.reason
+        for action in plan.actions:
+            await self._act(action)
+        return plan.reason
+
+    async def _act(self, action: rc.Action) -> None:
+        match action:
+            case rc.StartVm(vm=vm, token=token):
+                self._spawn(vm, self._start(vm, token))
+            case rc.StopVm(vm=vm, force=force):
+                local = self.ctx.runtime.vms[vm]
+                self._spawn(vm, self.ctx.runtime.stop(
+                    local, force=force, timeout=self.config.timings.stop_timeout_s))
+            case rc.KillVm(vm=vm, why=why):
+                log.warning("VM %s: killing local QEMU: %s", vm, why)
+                self._spawn(vm, self.ctx.runtime.kill(self.ctx.runtime.vms[vm]))
+            case rc.ReportStatus(vm=vm, status=status):
+                try:
+                    await self.ctx.report_status(vm, status)
+                except StoreError as err:
+                    log.warning("VM %s: cannot report status: %s", vm, err)
+            case rc.DriveSource(vm=vm, migration=mid):
+                self._spawn(vm, drive_source(self.ctx, mid))
+            case rc.DriveTarget(vm=vm, migration=mid):
+                self._spawn(vm, drive_target(self.ctx, mid))
+
+    def _spawn(self, vm: str, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro, name=f"op:{vm}")
+        self.tasks[vm] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self.tasks.get(vm) is t:
+                del self.tasks[vm]
+            if not t.cancelled() and t.exception() is not None:
+                log.error("VM %s: operation failed: %s", vm, t.exception(),
+                          exc_info=t.exception())
+            self.wake.set()
+
+        task.add_done_callback(done)
+
+    async def _start(self, vm: str, token: int) -> None:
+        """Start only if the store (read now, not from the watch copy) still says so."""
+        ctx = self.ctx
+        entry = await ctx.store.get(ctx.keys.vm_owner(vm))
+        spec = ctx.view.spec(vm)
+        if entry is None or entry.mod_revision != token or spec is None:
+            return  # the owner record moved on since the snapshot: the next cycle decides
+        try:
+            local = await ctx.runtime.start(spec, hw=ctx.hardware, token=token)
+        except FerryError as err:
+            attempts = self.failures.get(vm, (0, 0.0))[0]
+            delay = START_BACKOFF_S[min(attempts, len(START_BACKOFF_S) - 1)]
+            self.failures[vm] = (attempts + 1, time.monotonic() + delay)
+            log.error("VM %s: start failed: %s (next try in %.0fs)", vm, err, delay)
+            await ctx.report_status(vm, VmStatus(node=self.config.node, state=VmState.FAILED,
+                                                 token=token, since=time.time(),
+                                                 detail=str(err)))
+            return
+        self.failures.pop(vm, None)
+        await ctx.report_status(vm, VmStatus(
+            node=self.config.node, state=rc.observed_state(local.run_state), token=token,
+            pid=local.proc.pid, since=local.meta.started_at))
+
+
+def _memory_mib() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+async def run_agent(config: AgentConfig, store: ClusterStore) -> None:
+    agent = Agent(config, store)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, main.cancel)
+    try:
+        await agent.run()
+    except asyncio.CancelledError:
+        log.info("node %s: agent stopping; its VMs keep running", config.node)
+    except FerryError as err:
+        log.error("node %s: %s", config.node, err)
+        raise
+    finally:
+        await store.close()

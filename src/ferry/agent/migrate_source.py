@@ -1,0 +1,281 @@
+"""The source side of a live migration: it drives the seed's seven steps.
+
+Resumable: each run starts from the phase in the store, so an agent restarted mid-migration
+picks up where it was (QEMU keeps migrating meanwhile). Until the target commits ownership,
+every failure and every cancel ends with the VM running here and the target's QEMU gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+
+from ferry.agent.context import AgentContext
+from ferry.agent.runtime import LocalVm
+from ferry.model.errors import FerryError, MigrationFailed, QemuError
+from ferry.model.migration import (
+    MigrationPhase as P,
+)
+from ferry.model.migration import (
+    MigrationProgress,
+    MigrationRecord,
+    MigrationSummary,
+    TargetConfig,
+)
+from ferry.qemu.monitor import OUTGOING_ACTIVE, MigrateInfo
+
+log = logging.getLogger(__name__)
+
+UNLIMITED_BANDWIDTH = 64 * 1024**3  # bytes/s: QEMU's default of 128 MiB/s is the bottleneck
+TARGET_CREATE_TIMEOUT_S = 60.0
+COMMIT_TIMEOUT_S = 30.0
+POLL_S = 0.05
+PUBLISH_S = 0.2
+
+
+class CancelRequested(FerryError):
+    """A user asked to cancel this migration."""
+
+
+async def drive_source(ctx: AgentContext, mid: str) -> None:
+    rec, _ = await ctx.read_record(mid)
+    if rec.phase.terminal:
+        return
+    local = ctx.runtime.vms.get(rec.vm)
+    try:
+        if local is None:
+            raise MigrationFailed(rec.phase.value, f"{rec.vm} has no QEMU on {ctx.node}")
+        if rec.phase.step < P.COPYING_MEMORY.step:
+            rec = await _prepare(ctx, rec, local)
+        if rec.phase is P.COPYING_MEMORY:
+            rec = await _copy_memory(ctx, rec, local)
+        if not rec.committed:
+            await _await_commit(ctx, rec)
+        await _finish(ctx, mid, local)
+    except CancelRequested:
+        await _abort(ctx, mid, local, P.CANCELLED, "cancelled by request")
+    except FerryError as err:
+        reason = err.reason if isinstance(err, MigrationFailed) else str(err)
+        await _abort(ctx, mid, local, P.FAILED, reason)
+
+
+def _check_cancel(ctx: AgentContext, mid: str) -> None:
+    if ctx.view.cancel_requested(mid):
+        raise CancelRequested(mid)
+
+
+async def _prepare(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> MigrationRecord:
+    mid = rec.id
+    _check_cancel(ctx, mid)
+    if rec.phase is P.QUEUED:
+        rec = await ctx.advance(mid, P.CONNECTING, f"{rec.source} -> {rec.target}")
+    if rec.phase is P.CONNECTING:
+        network, address = _choose_network(ctx, rec)
+        _check_cancel(ctx, mid)
+        config = TargetConfig(spec=local.meta.spec, accel=local.meta.accel,
+                              cpu_model=local.meta.cpu_model)
+        rec = await ctx.advance(mid, P.SENDING_CONFIG, f"network {network} ({address})",
+                                network=network, config=config)
+    if rec.phase is P.SENDING_CONFIG:
+        rec = await ctx.advance(mid, P.CREATING_TARGET, "target creates an empty VM")
+    rec = await _await_target(ctx, mid)
+    info = await local.monitor.query_migrate()
+    if info.outgoing not in OUTGOING_ACTIVE:
+        await local.monitor.set_capabilities({"events": True})
+        await local.monitor.set_parameters({
+            "max-bandwidth": rec.options.max_bandwidth or UNLIMITED_BANDWIDTH,
+            "downtime-limit": rec.options.downtime_limit_ms,
+        })
+        await local.monitor.migrate(rec.target_uri)
+    return await ctx.advance(mid, P.COPYING_MEMORY, f"sending to {rec.target_uri}")
+
+
+def _choose_network(ctx: AgentContext, rec: MigrationRecord) -> tuple[str, str]:
+    """Step 1: the target must be up, alike, and reachable on a migration network."""
+    target = ctx.view.node_info(rec.target)
+    if target is None or not ctx.view.node_alive(rec.target):
+        raise MigrationFailed(P.CONNECTING.value, f"target node {rec.target} is not up")
+    if target.accel != ctx.hardware.accel:
+        raise MigrationFailed(
+            P.CONNECTING.value,
+            f"{rec.target} uses {target.accel}, {ctx.node} uses {ctx.hardware.accel}")
+    theirs = {n.network: n.address for n in target.migration_addresses}
+    for mine in ctx.config.migration_networks:
+        if mine.network in theirs:
+            return mine.network, theirs[mine.network]
+    raise MigrationFailed(P.CONNECTING.value,
+                          f"no migration network shared by {ctx.node} and {rec.target}")
+
+
+async def _await_target(ctx: AgentContext, mid: str) -> MigrationRecord:
+    def ready() -> MigrationRecord | None:
+        rec = ctx.view.migration(mid)
+        if ctx.view.cancel_requested(mid) or rec is None:
+            return rec
+        if rec.target_uri or rec.target_error or rec.phase.terminal:
+            return rec
+        if not ctx.view.node_alive(rec.target):
+            return rec
+        return None
+
+    rec = await ctx.view.wait_for(ready, timeout=TARGET_CREATE_TIMEOUT_S)
+    _check_cancel(ctx, mid)
+    if rec.target_error:
+        raise MigrationFailed(P.CREATING_TARGET.value, f"target: {rec.target_error}")
+    if not rec.target_uri:
+        raise MigrationFailed(P.CREATING_TARGET.value, f"target node {rec.target} went down")
+    return rec
+
+
+async def _copy_memory(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> MigrationRecord:
+    mon = local.monitor
+    mid = rec.id
+    with mon.events("STOP") as stops:
+        info = await _follow(ctx, rec, local)
+        stopped_at = None
+        with contextlib.suppress(QemuError):
+            stopped_at = (await stops.get(timeout=0.5)).timestamp
+    summary = MigrationSummary(
+        total_s=0.0, qemu_total_ms=info.total_time_ms, downtime_ms=info.downtime_ms,
+        switchover_ms=None, bytes_sent=info.ram_transferred, setup_ms=info.setup_time_ms,
+        throughput_bps=info.ram_mbps * 1e6 / 8,
+    )
+    note = (f"memory copied: {info.ram_transferred / 2**20:.0f} MiB in {info.total_time_ms} ms,"
+            f" QEMU downtime {info.downtime_ms} ms")
+
+    def handed_over(r: MigrationRecord) -> MigrationRecord:
+        # The target records step 5 when its stream completes; it may have done so already.
+        r = r.note(at=time.time(), node=ctx.node, note=note)
+        if r.phase is P.COPYING_MEMORY:
+            r = r.advance(P.HANDING_OVER_DISKS, at=time.time(), node=ctx.node,
+                          note="source stopped; waiting for the target to take over")
+        return dataclasses.replace(r, stopped_at=stopped_at, summary=summary)
+
+    return await ctx.update_record(mid, handed_over)
+
+
+async def _follow(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> MigrateInfo:
+    """Poll query-migrate until QEMU finishes; publish progress; honour cancel requests."""
+    published = 0.0
+    while True:
+        info = await local.monitor.query_migrate()
+        now = time.time()
+        if info.outgoing == "completed":
+            # QEMU marks the migration completed a moment before it computes its total time
+            # and downtime: wait for them.
+            for _ in range(100):
+                if info.total_time_ms > 0:
+                    break
+                await asyncio.sleep(0.01)
+                info = await local.monitor.query_migrate()
+            await ctx.publish_progress(rec.id, _progress(info, now))
+            return info
+        if info.outgoing not in OUTGOING_ACTIVE:
+            raise MigrationFailed(P.COPYING_MEMORY.value,
+                                  info.error or f"QEMU reports the migration {info.outgoing}")
+        if ctx.view.cancel_requested(rec.id):
+            await local.monitor.migrate_cancel()
+            raise CancelRequested(rec.id)
+        if not ctx.view.node_alive(rec.target):
+            await local.monitor.migrate_cancel()
+            raise MigrationFailed(P.COPYING_MEMORY.value, f"target node {rec.target} went down")
+        if now - published >= PUBLISH_S:
+            await ctx.publish_progress(rec.id, _progress(info, now))
+            published = now
+        await asyncio.sleep(POLL_S)
+
+
+def _progress(info: MigrateInfo, now: float) -> MigrationProgress:
+    return MigrationProgress(
+        at=now, status=info.outgoing, elapsed_ms=info.total_time_ms, ram_total=info.ram_total,
+        ram_transferred=info.ram_transferred, ram_remaining=info.ram_remaining,
+        throughput_bps=info.ram_mbps * 1e6 / 8, dirty_rate_pps=info.dirty_pages_rate,
+        page_size=info.page_size, expected_downtime_ms=info.expected_downtime_ms,
+        iterations=info.dirty_sync_count, throttle_pct=info.throttle_pct,
+    )
+
+
+async def _await_commit(ctx: AgentContext, rec: MigrationRecord) -> None:
+    """Step 5 is done here; the target now commits ownership and brings the VM online."""
+    mid = rec.id
+
+    def settled() -> str | None:
+        owner, _ = ctx.view.owner(rec.vm)
+        if owner is not None and owner.node == rec.target:
+            return "committed"
+        r = ctx.view.migration(mid)
+        if ctx.view.cancel_requested(mid):
+            return "cancel"
+        if r is None or r.target_error or r.phase.terminal:
+            return "target-failed"
+        if not ctx.view.node_alive(rec.target):
+            return "target-down"
+        return None
+
+    outcome = await ctx.view.wait_for(settled, timeout=COMMIT_TIMEOUT_S)
+    if outcome == "cancel":
+        raise CancelRequested(mid)
+    if outcome != "committed":
+        r = ctx.view.migration(mid)
+        why = r.target_error if r and r.target_error else outcome
+        raise MigrationFailed(P.HANDING_OVER_DISKS.value, f"target did not take over: {why}")
+
+
+async def _finish(ctx: AgentContext, mid: str, local: LocalVm | None) -> None:
+    """After the commit: quit the paused source copy, then write the summary."""
+    if local is not None and ctx.runtime.vms.get(local.name) is local:
+        await ctx.runtime.kill(local)
+
+    def announced() -> MigrationRecord | None:
+        r = ctx.view.migration(mid)
+        return r if r is not None and (r.phase.step >= P.ANNOUNCING.step) else None
+
+    with contextlib.suppress(FerryError):
+        await ctx.view.wait_for(announced, timeout=COMMIT_TIMEOUT_S)
+
+    def complete(rec: MigrationRecord) -> MigrationRecord:
+        if rec.phase.terminal:
+            return rec
+        now = time.time()
+        summary = rec.summary or MigrationSummary(0.0, 0, 0, None, 0, 0, 0.0)
+        switchover = None
+        if rec.stopped_at is not None and rec.resumed_at is not None:
+            switchover = (rec.resumed_at - rec.stopped_at) * 1000
+        summary = dataclasses.replace(summary, total_s=now - rec.created_at,
+                                      switchover_ms=switchover)
+        rec = rec.advance(P.COMPLETED, at=now, node=ctx.node, note="source QEMU has quit")
+        return dataclasses.replace(rec, summary=summary)
+
+    await ctx.update_record(mid, complete)
+
+
+async def _abort(ctx: AgentContext, mid: str, local: LocalVm | None, phase: P, reason: str) -> None:
+    """Before the commit: make the VM run here again and end the migration."""
+    log.warning("migration %s: %s: %s", mid, phase.value, reason)
+    if local is not None and ctx.runtime.vms.get(local.name) is local:
+        with contextlib.suppress(QemuError):
+            info = await local.monitor.query_migrate()
+            if info.outgoing in OUTGOING_ACTIVE:
+                await local.monitor.migrate_cancel()
+                await _wait_settled(local)
+    ended = await ctx.end_migration(mid, phase, reason)
+    if not ended:
+        log.info("migration %s: the target committed first; finishing instead", mid)
+        await _finish(ctx, mid, local)
+        return
+    if local is not None and ctx.runtime.vms.get(local.name) is local:
+        with contextlib.suppress(QemuError):
+            if await local.monitor.run_state() in ("postmigrate", "paused", "finish-migrate"):
+                await local.monitor.cont()
+                log.info("migration %s: %s resumed on the source", mid, local.name)
+
+
+async def _wait_settled(local: LocalVm) -> None:
+    for _ in range(200):
+        info = await local.monitor.query_migrate()
+        if info.outgoing not in OUTGOING_ACTIVE:
+            return
+        await asyncio.sleep(0.025)

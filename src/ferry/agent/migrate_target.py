@@ -1,0 +1,208 @@
+"""The target side of a live migration: steps 3 (create), 6 (bring online), 7 (announce).
+
+The target commits the migration: once QEMU has received the whole VM (it waits paused,
+started with ``-S``), one transaction moves ownership here, guarded by the owner record's
+revision and by the absence of a cancel request. Only then does the VM resume here. If that
+transaction fails, the VM never ran here and the source resumes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+
+from ferry.agent.context import AgentContext
+from ferry.agent.runtime import LocalVm, Role
+from ferry.model import codec
+from ferry.model.errors import FerryError, QemuError
+from ferry.model.migration import MigrationPhase as P
+from ferry.model.migration import MigrationRecord
+from ferry.model.vm import Owner, Power, VmState, VmStatus
+from ferry.qemu.argv import Hardware
+from ferry.store.base import Compare, Put
+
+log = logging.getLogger(__name__)
+
+# Announce at once after the switchover: QEMU's default first announce comes 50 ms late,
+# and until it does the switch keeps sending the VM's traffic to the source.
+ANNOUNCE = {"announce-initial": 1, "announce-max": 100, "announce-rounds": 5,
+            "announce-step": 20}
+INCOMING_POLL_S = 0.25
+
+
+class TargetGaveUp(FerryError):
+    pass
+
+
+async def drive_target(ctx: AgentContext, mid: str) -> None:
+    rec, _ = await ctx.read_record(mid)
+    local = ctx.runtime.vms.get(rec.vm)
+    owner_key = ctx.keys.vm_owner(rec.vm)
+    resumed_at: float | None = None
+    try:
+        entry = await ctx.store.get(owner_key)
+        owner = codec.decode(Owner, entry.value) if entry else None
+        committed = owner is not None and owner.node == ctx.node
+        if not committed:
+            if rec.phase.terminal or rec.target_error or entry is None or owner is None \
+                    or owner.migration != mid:
+                await _release(ctx, mid, local)
+                return
+            if local is None:
+                if rec.target_uri:
+                    raise TargetGaveUp("the target QEMU is gone")
+                local = await _create(ctx, rec)
+            completed_at = await _receive(ctx, mid, local)
+            if completed_at is None or not await _commit(ctx, mid, owner_key=owner_key,
+                                                         owner_rev=entry.mod_revision):
+                await _release(ctx, mid, local)
+                return
+            committed_at = time.time()
+            resumed_at = await _resume(local)
+            await _record_commit(ctx, mid, completed_at=completed_at, committed_at=committed_at)
+        elif local is not None:
+            resumed_at = await _resume(local)
+            now = time.time()
+            await _record_commit(ctx, mid, completed_at=now, committed_at=now)
+        await _online(ctx, mid, local, resumed_at=resumed_at)
+    except FerryError as err:
+        if await _owned_here(ctx, rec.vm):
+            log.error("migration %s: committed, but finishing failed: %s; the VM stays", mid, err)
+            return
+        log.warning("migration %s: target gives up: %s", mid, err)
+        with contextlib.suppress(FerryError):
+            await ctx.update_record(mid, lambda r: r if r.committed else
+                                    dataclasses.replace(r, target_error=str(err)))
+        await _release(ctx, mid, ctx.runtime.vms.get(rec.vm))
+
+
+async def _create(ctx: AgentContext, rec: MigrationRecord) -> LocalVm:
+    """Step 3: an empty VM with identical devices, waiting for the stream."""
+    if rec.config is None:
+        raise TargetGaveUp("the source sent no configuration")
+    address = ctx.migration_address(rec.network)
+    if address is None:
+        raise TargetGaveUp(f"{ctx.node} has no address on network {rec.network}")
+    hw = Hardware(accel=rec.config.accel, cpu_model=rec.config.cpu_model)
+    local = await ctx.runtime.start(rec.config.spec, hw=hw, token=0, role=Role.INCOMING,
+                                    migration=rec.id)
+    mon = local.monitor
+    await mon.set_capabilities({"events": True})
+    await mon.set_parameters(ANNOUNCE)
+    await mon.migrate_incoming(f"tcp:{address}:0")
+    port = await _listening_port(local)
+    uri = f"tcp:{address}:{port}"
+    await ctx.update_record(rec.id, lambda r: r.note(
+        at=time.time(), node=ctx.node, note=f"target QEMU pid {local.proc.pid} listens at {uri}"))
+    await ctx.update_record(rec.id, lambda r: dataclasses.replace(r, target_uri=uri))
+    return local
+
+
+async def _listening_port(local: LocalVm) -> int:
+    raw = await local.monitor.execute("query-migrate")
+    addrs = raw.get("socket-address") if isinstance(raw, dict) else None
+    if isinstance(addrs, list):
+        for a in addrs:
+            if isinstance(a, dict) and str(a.get("port", "")).isdigit():
+                return int(a["port"])
+    raise TargetGaveUp(f"QEMU did not report its incoming port: {raw!r}")
+
+
+async def _receive(ctx: AgentContext, mid: str, local: LocalVm) -> float | None:
+    """Wait until QEMU has the whole VM (its time) or the migration ended without us."""
+    with local.monitor.events("MIGRATION") as events:
+        while True:
+            with contextlib.suppress(QemuError):
+                ev = await events.get(timeout=INCOMING_POLL_S)
+                if ev.status == "completed":
+                    return ev.timestamp
+            rec = ctx.view.migration(mid)
+            if rec is None or rec.phase.terminal or ctx.view.cancel_requested(mid):
+                return None
+            if local.exited.is_set():
+                raise TargetGaveUp("the target QEMU exited during the transfer")
+            with contextlib.suppress(QemuError):
+                info = await local.monitor.query_migrate()
+                log.debug("migration %s: target sees %s, run state %s", mid, info.status,
+                          local.run_state)
+                if info.status == "completed":
+                    return time.time()
+
+
+async def _commit(ctx: AgentContext, mid: str, *, owner_key: str, owner_rev: int) -> bool:
+    """The point of no return: ownership moves here in one transaction, guarded by the
+    owner record's revision (a failed or ended migration changes it) and by the absence of
+    a cancel request. It is prepared in advance so that the VM's pause is one round trip
+    longer than QEMU's own switchover, no more."""
+    res = await ctx.store.txn(
+        [Compare.unchanged(owner_key, owner_rev), Compare.absent(ctx.keys.migration_cancel(mid))],
+        [Put(owner_key, codec.encode(Owner(node=ctx.node, power=Power.ON)))],
+    )
+    return res.succeeded
+
+
+async def _record_commit(ctx: AgentContext, mid: str, *, completed_at: float,
+                         committed_at: float) -> None:
+    """Step 5 is recorded when the stream completes: the source has flushed and released the
+    disks, and this QEMU takes them over when it resumes."""
+    def change(rec: MigrationRecord) -> MigrationRecord:
+        if rec.committed:
+            return rec
+        if rec.phase is P.COPYING_MEMORY:
+            rec = rec.advance(P.HANDING_OVER_DISKS, at=completed_at, node=ctx.node,
+                              note="stream complete: the source released the disks")
+        rec = rec.advance(P.BRINGING_ONLINE, at=committed_at, node=ctx.node,
+                          note="ownership moved to the target (point of no return)")
+        return dataclasses.replace(rec, committed_at=committed_at)
+
+    await ctx.update_record(mid, change)
+
+
+async def _resume(local: LocalVm) -> float | None:
+    """Step 6: run the VM here (it waited paused, started with -S); the RESUME time."""
+    with local.monitor.events("RESUME") as resumes:
+        if await local.monitor.run_state() == "running":
+            return None
+        await local.monitor.cont()
+        return (await resumes.get(timeout=10)).timestamp
+
+
+async def _online(ctx: AgentContext, mid: str, local: LocalVm | None, *,
+                  resumed_at: float | None) -> None:
+    """Step 7 and the bookkeeping: announce, promote, report."""
+    if local is None:
+        log.error("migration %s: committed but the target QEMU is gone", mid)
+        return  # the owner record says run here: the loop starts the VM afresh
+    await local.monitor.announce(initial_ms=0, rounds=3, step_ms=20)
+    rec, _ = await ctx.read_record(mid)
+    entry = await ctx.store.get(ctx.keys.vm_owner(rec.vm))
+    token = entry.mod_revision if entry else 0
+    ctx.runtime.promote(local, token=token)
+    local.run_state = await local.monitor.run_state()
+    await ctx.report_status(rec.vm, VmStatus(node=ctx.node, state=VmState.RUNNING, token=token,
+                                             pid=local.proc.pid, since=local.meta.started_at))
+    if rec.phase.step < P.ANNOUNCING.step:
+        await ctx.advance(mid, P.ANNOUNCING, "running on the target; announced on the switch",
+                          resumed_at=resumed_at or rec.resumed_at)
+
+
+async def _owned_here(ctx: AgentContext, vm: str) -> bool:
+    try:
+        entry = await ctx.store.get(ctx.keys.vm_owner(vm))
+    except FerryError:
+        return True  # cannot tell: never kill what might be the only running copy
+    return entry is not None and codec.decode(Owner, entry.value).node == ctx.node
+
+
+async def _release(ctx: AgentContext, mid: str, local: LocalVm | None) -> None:
+    """Not committed: the target's QEMU must go; say so in the record."""
+    if await _owned_here(ctx, local.name if local else ""):
+        return
+    if local is not None and local.meta.role is Role.INCOMING and local.meta.migration == mid:
+        await ctx.runtime.kill(local)
+    with contextlib.suppress(FerryError):
+        await ctx.update_record(mid, lambda r: r if r.committed or r.target_released_at else
+                                dataclasses.replace(r, target_released_at=time.time()))

@@ -1,0 +1,188 @@
+"""Pure: one snapshot of the store and of this node -> what to do, and why.
+
+The agent's loop is level-triggered (Patroni's ``_run_cycle``): it takes a snapshot, calls
+``decide``, carries out the actions and logs the reason. Nothing here does I/O, so every rule
+is unit-tested with plain data.
+
+The rules that keep a VM from running twice:
+- a node starts a VM only when the store names it the owner and the power is on;
+- a node kills any local QEMU whose VM it does not own, unless that QEMU is the target of a
+  migration to this node that is still going on.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ferry.model.migration import MigrationPhase, MigrationRecord
+from ferry.model.vm import Owner, Power, VmSpec, VmState, VmStatus
+
+
+class LocalRole(enum.Enum):
+    PRIMARY = "primary"
+    INCOMING = "incoming"
+
+
+@dataclass(frozen=True)
+class VmFacts:
+    spec: VmSpec
+    owner: Owner | None
+    owner_rev: int
+    status: VmStatus | None
+
+
+@dataclass(frozen=True)
+class LocalFacts:
+    role: LocalRole
+    run_state: str  # QEMU's run state: running, paused, inmigrate, postmigrate, ...
+    token: int
+    migration: str | None
+    pid: int
+    since: float = 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    node: str
+    vms: Mapping[str, VmFacts]
+    migrations: Mapping[str, MigrationRecord]
+    local: Mapping[str, LocalFacts]
+    busy: frozenset[str] = frozenset()  # VMs with an operation in flight on this node
+    held: frozenset[str] = frozenset()  # VMs whose start failed recently (back off)
+
+
+@dataclass(frozen=True)
+class StartVm:
+    vm: str
+    token: int
+
+
+@dataclass(frozen=True)
+class StopVm:
+    vm: str
+    force: bool
+
+
+@dataclass(frozen=True)
+class KillVm:
+    vm: str
+    why: str
+
+
+@dataclass(frozen=True)
+class ReportStatus:
+    vm: str
+    status: VmStatus | None  # None: remove this node's status
+
+
+@dataclass(frozen=True)
+class DriveSource:
+    vm: str
+    migration: str
+
+
+@dataclass(frozen=True)
+class DriveTarget:
+    vm: str
+    migration: str
+
+
+Action = StartVm | StopVm | KillVm | ReportStatus | DriveSource | DriveTarget
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    reason: str
+
+
+def observed_state(run_state: str) -> VmState:
+    if run_state == "running":
+        return VmState.RUNNING
+    if run_state in ("shutdown", "guest-panicked", "internal-error"):
+        return VmState.STOPPING if run_state == "shutdown" else VmState.FAILED
+    return VmState.PAUSED
+
+
+def decide(snap: Snapshot) -> Plan:
+    actions: list[Action] = []
+    notes: list[str] = []
+    for mid, rec in sorted(snap.migrations.items()):
+        act = _migration_action(snap, mid, rec)
+        if act is not None:
+            actions.append(act)
+            notes.append(f"{rec.vm}: {'source' if isinstance(act, DriveSource) else 'target'}"
+                         f" of migration {mid} ({rec.phase.value})")
+    driven = {a.vm for a in actions}
+    for name in sorted(set(snap.vms) | set(snap.local)):
+        if name in snap.busy or name in driven:
+            continue
+        todo, note = _vm_action(snap, name)
+        actions.extend(todo)
+        if note:
+            notes.append(f"{name}: {note}")
+    if not notes:
+        in_sync = sum(1 for v in snap.vms.values() if v.owner and v.owner.node == snap.node)
+        notes.append(f"in sync ({in_sync} VMs owned here, {len(snap.local)} QEMUs)")
+    return Plan(actions=tuple(actions), reason="; ".join(notes))
+
+
+def _migration_action(snap: Snapshot, mid: str, rec: MigrationRecord) -> Action | None:
+    if rec.phase.terminal or rec.vm in snap.busy:
+        return None
+    if rec.source == snap.node:
+        return DriveSource(vm=rec.vm, migration=mid)
+    # The target's part ends once the VM runs there (ANNOUNCING); the source finishes.
+    if rec.target == snap.node and (
+        MigrationPhase.CREATING_TARGET.step <= rec.phase.step < MigrationPhase.ANNOUNCING.step
+    ):
+        return DriveTarget(vm=rec.vm, migration=mid)
+    return None
+
+
+def _vm_action(snap: Snapshot, name: str) -> tuple[list[Action], str]:
+    facts = snap.vms.get(name)
+    local = snap.local.get(name)
+    if facts is None:
+        return [KillVm(vm=name, why="VM no longer exists")], "deleted: killing its QEMU"
+    owner = facts.owner
+    mine = owner is not None and owner.node == snap.node
+    if local is not None and not mine:
+        if _incoming_in_flight(snap, name, local):
+            return [], ""
+        return [KillVm(vm=name, why=f"owned by {owner.node if owner else 'nobody'}")], (
+            "runs here but is not owned here: killing it"
+        )
+    if not mine or owner is None:
+        return _drop_stale_status(snap, facts)
+    if owner.power is Power.OFF:
+        if local is not None:
+            return [StopVm(vm=name, force=owner.force)], "power off requested: stopping"
+        return _drop_stale_status(snap, facts)
+    if local is None:
+        if name in snap.held:
+            return [], "start failed recently: waiting before the next try"
+        return [StartVm(vm=name, token=facts.owner_rev)], "owned here and should run: starting"
+    want = VmStatus(node=snap.node, state=observed_state(local.run_state),
+                    token=local.token, pid=local.pid, since=local.since)
+    have = facts.status
+    if have is None or (have.node, have.state, have.pid, have.token) != (
+        want.node, want.state, want.pid, want.token
+    ):
+        return [ReportStatus(vm=name, status=want)], f"reporting {want.state.value}"
+    return [], ""
+
+
+def _incoming_in_flight(snap: Snapshot, name: str, local: LocalFacts) -> bool:
+    if local.role is not LocalRole.INCOMING or local.migration is None:
+        return False
+    rec = snap.migrations.get(local.migration)
+    return rec is not None and rec.target == snap.node and not rec.phase.terminal
+
+
+def _drop_stale_status(snap: Snapshot, facts: VmFacts) -> tuple[list[Action], str]:
+    if facts.status is not None and facts.status.node == snap.node:
+        return [ReportStatus(vm=facts.spec.name, status=None)], "clearing this node's old status"
+    return [], ""

@@ -1,0 +1,243 @@
+"""ferry vm / node / migration."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+
+from ferry.cli.connect import with_cluster
+from ferry.cli.output import ago, clock, emit_json, rate, size, table
+from ferry.cli.progress import progress_line, summary_line, watch
+from ferry.control import migrations as migs
+from ferry.control import nodes as nodes_ctl
+from ferry.control import vms as vms_ctl
+from ferry.control.client import ClusterClient
+from ferry.model.errors import MigrationFailed
+from ferry.model.migration import MigrationOptions, MigrationPhase
+from ferry.model.vm import parse_size
+
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+@click.group()
+def node() -> None:
+    """Cluster nodes."""
+
+
+@node.command("list")
+@json_opt
+def node_list(as_json: bool) -> None:
+    """The nodes, whether they are up, and their VMs."""
+    views = asyncio.run(with_cluster(nodes_ctl.list_nodes))
+    if as_json:
+        emit_json(views)
+        return
+    table(["NODE", "STATE", "CLUSTER ADDRESS", "ACCEL", "MEMORY USED", "VMS"],
+          [[v.info.name, v.state.value, v.info.cluster_address, v.info.accel,
+            f"{v.memory_used_mib}/{v.info.memory_mib} MiB", ",".join(v.vms) or "-"]
+           for v in views])
+
+
+@click.group()
+def vm() -> None:
+    """Virtual machines."""
+
+
+@vm.command("create")
+@click.argument("name")
+@click.option("--memory", default="256M", show_default=True, help="RAM, e.g. 256M or 1G.")
+@click.option("--vcpus", default=1, show_default=True, type=int)
+@click.option("--disk-size", default="1G", show_default=True)
+@click.option("--volume", default=None, help="Shared volume (default: the cluster's).")
+@json_opt
+def vm_create(name: str, memory: str, vcpus: int, disk_size: str, volume: str | None,
+              as_json: bool) -> None:
+    """Create a VM (stopped) with a new disk on a shared volume."""
+    mem = parse_size(memory) // 2**20
+    disk = parse_size(disk_size, default_unit="G")
+
+    async def go(cl: ClusterClient) -> vms_ctl.VmView:
+        await vms_ctl.create_vm(cl, name, memory_mib=mem, vcpus=vcpus, disk_size=disk,
+                                volume=volume)
+        return await vms_ctl.show_vm(cl, name)
+
+    view = asyncio.run(with_cluster(go))
+    if as_json:
+        emit_json(view)
+    else:
+        click.echo(f"created {name}: {mem} MiB, {vcpus} vCPU, disk {size(disk)} on"
+                   f" {view.volume}{', ip ' + view.ip if view.ip else ''}")
+
+
+@vm.command("start")
+@click.argument("name")
+@click.option("--node", "node_name", default=None, help="Node to run on (default: best fit).")
+@click.option("--no-wait", is_flag=True)
+def vm_start(name: str, node_name: str | None, no_wait: bool) -> None:
+    """Start a stopped VM."""
+    async def go(cl: ClusterClient) -> str:
+        token = await vms_ctl.start_vm(cl, name, node=node_name)
+        if no_wait:
+            owner, _ = await cl.owner(name)
+            return f"starting {name} on {owner.node}"
+        view = await vms_ctl.wait_started(cl, name, token=token)
+        return f"{name} is running on {view.node} (pid {view.pid})"
+
+    click.echo(asyncio.run(with_cluster(go)))
+
+
+@vm.command("stop")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Stop at once, without asking the guest.")
+@click.option("--no-wait", is_flag=True)
+def vm_stop(name: str, force: bool, no_wait: bool) -> None:
+    """Stop a VM (ACPI power-off; --force pulls the plug)."""
+    async def go(cl: ClusterClient) -> None:
+        await vms_ctl.stop_vm(cl, name, force=force)
+        if not no_wait:
+            await vms_ctl.wait_stopped(cl, name)
+
+    asyncio.run(with_cluster(go))
+    click.echo(f"{name} {'is stopping' if no_wait else 'stopped'}")
+
+
+@vm.command("delete")
+@click.argument("name")
+def vm_delete(name: str) -> None:
+    """Delete a stopped VM and its files."""
+    asyncio.run(with_cluster(lambda cl: vms_ctl.delete_vm(cl, name)))
+    click.echo(f"deleted {name}")
+
+
+@vm.command("list")
+@json_opt
+def vm_list(as_json: bool) -> None:
+    """All VMs with their state and node."""
+    views = asyncio.run(with_cluster(vms_ctl.list_vms))
+    if as_json:
+        emit_json(views)
+        return
+    table(["NAME", "STATE", "NODE", "IP", "MEMORY", "VCPUS", "UP", "MIGRATION"],
+          [[v.name, v.state.value, v.node, v.ip, f"{v.memory_mib} MiB", v.vcpus, ago(v.since),
+            f"{v.migration} -> {v.target}" if v.migration else None] for v in views])
+
+
+@vm.command("show")
+@click.argument("name")
+@json_opt
+def vm_show(name: str, as_json: bool) -> None:
+    """One VM in detail."""
+    view = asyncio.run(with_cluster(lambda cl: vms_ctl.show_vm(cl, name)))
+    if as_json:
+        emit_json(view)
+        return
+    for k, v in [("name", view.name), ("state", view.state.value), ("node", view.node),
+                 ("ip", view.ip), ("memory", f"{view.memory_mib} MiB"), ("vcpus", view.vcpus),
+                 ("pid", view.pid), ("since", clock(view.since)), ("volume", view.volume),
+                 ("disk", view.disk), ("migration", view.migration), ("detail", view.detail)]:
+        if v not in (None, ""):
+            click.echo(f"{k:>10}: {v}")
+
+
+def _migrate(name: str, to: str, no_wait: bool, bandwidth: str | None,
+             downtime_ms: int) -> None:
+    bw = parse_size(bandwidth) if bandwidth else 0
+    options = MigrationOptions(max_bandwidth=bw, downtime_limit_ms=downtime_ms)
+
+    async def go(cl: ClusterClient) -> None:
+        rec = await migs.request_migration(cl, name, to=to, options=options)
+        if no_wait:
+            click.echo(f"migration {rec.id}: {name} {rec.source} -> {to} queued")
+            return
+        click.echo(f"migration {rec.id}: {name} {rec.source} -> {to}")
+        final = await watch(cl, rec.id)
+        click.echo(summary_line(final))
+        if final.phase is not MigrationPhase.COMPLETED:
+            raise MigrationFailed(final.timeline[-1].phase.value if final.timeline else "?",
+                                  final.error or final.phase.value)
+
+    asyncio.run(with_cluster(go))
+
+
+def _migrate_command(fn_name: str, help_text: str) -> click.Command:
+    @click.command(fn_name, help=help_text)
+    @click.argument("name")
+    @click.option("--to", "to", required=True, help="Target node.")
+    @click.option("--no-wait", is_flag=True, help="Queue it and return its id.")
+    @click.option("--bandwidth", default=None, help="Limit, e.g. 100M (bytes/s).")
+    @click.option("--downtime-ms", default=300, show_default=True, type=int,
+                  help="Longest pause QEMU may take to switch over.")
+    def command(name: str, to: str, no_wait: bool, bandwidth: str | None,
+                downtime_ms: int) -> None:
+        _migrate(name, to, no_wait, bandwidth, downtime_ms)
+
+    return command
+
+
+vm.add_command(_migrate_command("migrate", "Live-migrate a running VM to another node."))
+vm.add_command(_migrate_command("move", "Same as migrate."))
+
+
+@click.group()
+def migration() -> None:
+    """Live migrations."""
+
+
+@migration.command("list")
+@json_opt
+def migration_list(as_json: bool) -> None:
+    recs = asyncio.run(with_cluster(migs.list_migrations))
+    if as_json:
+        emit_json(recs)
+        return
+    table(["ID", "VM", "FROM", "TO", "PHASE", "STARTED", "TOTAL", "DOWNTIME", "ERROR"],
+          [[r.id, r.vm, r.source, r.target, r.phase.value, clock(r.created_at),
+            f"{r.summary.total_s:.2f}s" if r.summary and r.phase.terminal else None,
+            f"{r.summary.downtime_ms} ms" if r.summary and r.phase.terminal else None,
+            r.error or None] for r in recs])
+
+
+@migration.command("show")
+@click.argument("mid")
+@json_opt
+def migration_show(mid: str, as_json: bool) -> None:
+    """A migration's phases with timestamps, progress and outcome."""
+    view = asyncio.run(with_cluster(lambda cl: migs.show_migration(cl, mid)))
+    if as_json:
+        emit_json(view)
+        return
+    r = view.record
+    click.echo(f"migration {r.id}: {r.vm} {r.source} -> {r.target}, {r.phase.value}"
+               f"{' (network ' + r.network + ')' if r.network else ''}")
+    t0 = r.created_at
+    table(["+MS", "TIME", "PHASE", "NODE", "NOTE"],
+          [[f"{(e.at - t0) * 1000:8.1f}", clock(e.at), e.phase.value, e.node, e.note]
+           for e in r.timeline])
+    if view.progress is not None and not r.phase.terminal:
+        click.echo("progress: " + progress_line(view))
+    if r.committed_at:
+        click.echo(f"point of no return passed at {clock(r.committed_at)}")
+    if r.summary is not None and r.phase is MigrationPhase.COMPLETED:
+        s = r.summary
+        click.echo(f"total {s.total_s:.3f} s, QEMU {s.qemu_total_ms} ms, downtime"
+                   f" {s.downtime_ms} ms, switchover "
+                   f"{'-' if s.switchover_ms is None else f'{s.switchover_ms:.1f} ms'},"
+                   f" {size(s.bytes_sent)} at {rate(s.throughput_bps)}")
+    if r.error:
+        click.echo(f"error: {r.error}")
+
+
+@migration.command("cancel")
+@click.argument("mid")
+@click.option("--no-wait", is_flag=True)
+def migration_cancel(mid: str, no_wait: bool) -> None:
+    """Cancel a migration; the VM stays on its source."""
+    async def go(cl: ClusterClient) -> str:
+        rec = await migs.cancel_migration(cl, mid)
+        if no_wait:
+            return f"cancel of {mid} requested"
+        final = await watch(cl, rec.id, quiet=True)
+        return summary_line(final)
+
+    click.echo(asyncio.run(with_cluster(go)))

@@ -1,0 +1,263 @@
+"""VM operations: create, start, stop, delete, list, show."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import secrets
+import time
+from dataclasses import dataclass, replace
+
+from ferry.control.client import ClusterClient
+from ferry.control.nodes import node_loads
+from ferry.ha.placement import check_fits, choose_node
+from ferry.model import codec
+from ferry.model.cluster import ClusterConfig, Volume
+from ferry.model.errors import Conflict, FerryError, InvalidSpec, NotFound, Timeout
+from ferry.model.vm import (
+    BootSpec,
+    DiskSpec,
+    NicSpec,
+    Owner,
+    Power,
+    VmSpec,
+    VmState,
+    VmStatus,
+    check_name,
+    mac_for,
+)
+from ferry.storage.volume import create_vm_files, remove_vm_files, vm_dir, write_config
+from ferry.store.base import Compare, Delete, Put
+
+
+@dataclass(frozen=True)
+class VmView:
+    name: str
+    state: VmState
+    node: str | None
+    memory_mib: int
+    vcpus: int
+    ip: str | None
+    migration: str | None = None
+    target: str | None = None
+    pid: int | None = None
+    since: float | None = None
+    detail: str = ""
+    volume: str = ""
+    disk: str = ""
+
+
+def vm_state(owner: Owner, status: VmStatus | None) -> VmState:
+    """What users see: the desired power combined with what the owning node reports."""
+    reported = status if status is not None and status.node == owner.node else None
+    if owner.power is Power.OFF:
+        if reported is not None and reported.state in (VmState.RUNNING, VmState.PAUSED,
+                                                       VmState.STOPPING):
+            return VmState.STOPPING
+        return VmState.STOPPED
+    if owner.migration is not None:
+        return VmState.MIGRATING
+    if reported is None:
+        return VmState.STARTING
+    return reported.state
+
+
+async def show_vm(cl: ClusterClient, name: str) -> VmView:
+    spec = await cl.spec(name)
+    owner, _ = await cl.owner(name)
+    return _view(spec, owner, await cl.status(name))
+
+
+def _view(spec: VmSpec, owner: Owner, status: VmStatus | None) -> VmView:
+    reported = status if status is not None and status.node == owner.node else None
+    return VmView(
+        name=spec.name, state=vm_state(owner, status),
+        node=owner.node if owner.power is Power.ON or reported else None,
+        memory_mib=spec.memory_mib, vcpus=spec.vcpus,
+        ip=spec.nics[0].ip if spec.nics else None,
+        migration=owner.migration, target=owner.target,
+        pid=reported.pid if reported else None, since=reported.since if reported else None,
+        detail=reported.detail if reported else "", volume=spec.volume,
+        disk=spec.disks[0].path if spec.disks else "",
+    )
+
+
+async def list_vms(cl: ClusterClient) -> list[VmView]:
+    specs = await cl.all_of(VmSpec, cl.keys.vms, "spec")
+    owners = await cl.all_of(Owner, cl.keys.vms, "owner")
+    statuses = await cl.all_of(VmStatus, cl.keys.vms, "status")
+    return [_view(s, owners.get(n, Owner(node=None, power=Power.OFF)), statuses.get(n))
+            for n, s in sorted(specs.items())]
+
+
+async def _allocate_ip(cl: ClusterClient, config: ClusterConfig) -> str | None:
+    if config.vm_network is None:
+        return None
+    net = ipaddress.ip_network(config.vm_network.subnet)
+    entries, _ = await cl.store.get_prefix(cl.keys.ip_claims)
+    taken = {e.key.rsplit("/", 1)[1] for e in entries}
+    for i, host in enumerate(net.hosts(), start=1):
+        if i >= config.vm_network.first_host and str(host) not in taken:
+            return str(host)
+    raise Conflict(f"no free address left in {net}")
+
+
+async def create_vm(cl: ClusterClient, name: str, *, memory_mib: int = 256, vcpus: int = 1,
+                    disk_size: int = 1024**3, volume: str | None = None) -> VmSpec:
+    """Check everything, create the VM's files on its volume, then record it in one txn."""
+    check_name("VM", name)
+    if await cl.store.get(cl.keys.vm_spec(name)) is not None:
+        raise Conflict(f"VM {name!r} already exists")
+    config = await cl.config()
+    vol = await _volume(cl, config, volume)
+    if disk_size < 1024**2:
+        raise InvalidSpec("disk size must be at least 1M")
+    uid = secrets.token_hex(6)
+    ip = await _allocate_ip(cl, config)
+    spec = _new_spec(name, uid=uid, memory_mib=memory_mib, vcpus=vcpus, volume=vol,
+                     disk_size=disk_size, ip=ip, config=config)
+    spec.check()
+    _check_boot(spec)
+    await create_vm_files(vol, name, disk_size=disk_size, config_json=codec.encode(spec))
+    ops: list[Put | Delete] = [
+        Put(cl.keys.vm_spec(name), codec.encode(spec)),
+        Put(cl.keys.vm_owner(name), codec.encode(Owner(node=None, power=Power.OFF))),
+    ]
+    compares = [Compare.absent(cl.keys.vm_spec(name))]
+    if ip is not None:
+        ops.append(Put(cl.keys.ip_claim(ip), name))
+        compares.append(Compare.absent(cl.keys.ip_claim(ip)))
+    res = await cl.store.txn(compares, ops)
+    if not res.succeeded:
+        remove_vm_files(vol, name)
+        raise Conflict(f"VM {name!r} (or its address {ip}) was taken concurrently; try again")
+    return spec
+
+
+async def _volume(cl: ClusterClient, config: ClusterConfig, name: str | None) -> Volume:
+    name = name or config.default_volume
+    if not name:
+        raise InvalidSpec("no volume given and the cluster has no default volume")
+    return await cl.volume(name)
+
+
+def _new_spec(name: str, *, uid: str, memory_mib: int, vcpus: int, volume: Volume,
+              disk_size: int, ip: str | None, config: ClusterConfig) -> VmSpec:
+    d = vm_dir(volume, name)
+    boot = None
+    if config.boot_image is not None:
+        args = [config.boot_image.cmdline, f"ferry.hostname={name}"]
+        if ip is not None and config.vm_network is not None:
+            prefix = ipaddress.ip_network(config.vm_network.subnet).prefixlen
+            args.append(f"ferry.ip={ip}/{prefix}")
+        boot = BootSpec(kernel=config.boot_image.kernel, initrd=config.boot_image.initrd,
+                        cmdline=" ".join(a for a in args if a))
+    return VmSpec(
+        name=name, uid=uid, memory_mib=memory_mib, vcpus=vcpus, volume=volume.name,
+        config_path=str(d / "vm.json"),
+        disks=(DiskSpec(path=str(d / "disk0.qcow2"), size_bytes=disk_size),),
+        nics=(NicSpec(mac=mac_for(uid), bridge=config.bridge, ip=ip),),
+        boot=boot, created_at=time.time(),
+    )
+
+
+def _check_boot(spec: VmSpec) -> None:
+    import os
+
+    if spec.boot is not None:
+        for f in (spec.boot.kernel, spec.boot.initrd):
+            if not os.access(f, os.R_OK):
+                raise InvalidSpec(f"VM {spec.name} would not boot: {f} is missing")
+
+
+async def start_vm(cl: ClusterClient, name: str, *, node: str | None = None) -> int:
+    """Make ``node`` (or the best node) the owner with power on; returns the owner revision."""
+    spec = await cl.spec(name)
+    owner, rev = await cl.owner(name)
+    if owner.power is Power.ON:
+        where = f"on {owner.node}" if owner.node else "already"
+        raise Conflict(f"VM {name} is already running {where}; stop it first")
+    loads = await node_loads(cl)
+    if node is not None:
+        by_name = {n.name: n for n in loads}
+        if node not in by_name:
+            raise NotFound(f"node {node!r} does not exist")
+        check_fits(by_name[node], spec.memory_mib)
+    else:
+        node = choose_node(loads, spec.memory_mib)
+    new = Owner(node=node, power=Power.ON)
+    res = await cl.store.txn([Compare.unchanged(cl.keys.vm_owner(name), rev)],
+                             [Put(cl.keys.vm_owner(name), codec.encode(new))])
+    if not res.succeeded:
+        raise Conflict(f"VM {name} changed while starting it; try again")
+    return res.revision
+
+
+async def wait_started(cl: ClusterClient, name: str, *, token: int, timeout: float = 120) -> VmView:
+    """Wait until the owner reports the VM running; on failure give the VM back to 'off'."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        owner, rev = await cl.owner(name)
+        status = await cl.status(name)
+        if owner.power is not Power.ON:
+            raise Conflict(f"VM {name} was stopped while starting")
+        if status is not None and status.node == owner.node and status.token >= token:
+            if status.state is VmState.RUNNING:
+                return await show_vm(cl, name)
+            if status.state is VmState.FAILED:
+                await _power_off_after_failure(cl, name, rev)
+                raise FerryError(f"VM {name} failed to start on {owner.node}: {status.detail}")
+        await asyncio.sleep(0.1)
+    raise Timeout(f"VM {name} did not start within {timeout:.0f}s")
+
+
+async def _power_off_after_failure(cl: ClusterClient, name: str, rev: int) -> None:
+    owner, _ = await cl.owner(name)
+    await cl.store.txn([Compare.unchanged(cl.keys.vm_owner(name), rev)],
+                       [Put(cl.keys.vm_owner(name), codec.encode(replace(owner, power=Power.OFF)))])
+
+
+async def stop_vm(cl: ClusterClient, name: str, *, force: bool = False) -> None:
+    await cl.spec(name)
+    owner, rev = await cl.owner(name)
+    if owner.migration is not None:
+        raise Conflict(f"VM {name} is migrating ({owner.migration}); cancel the migration first")
+    if owner.power is Power.OFF and not force:
+        raise Conflict(f"VM {name} is not running")
+    new = replace(owner, power=Power.OFF, force=force)
+    res = await cl.store.txn([Compare.unchanged(cl.keys.vm_owner(name), rev)],
+                             [Put(cl.keys.vm_owner(name), codec.encode(new))])
+    if not res.succeeded:
+        raise Conflict(f"VM {name} changed while stopping it; try again")
+
+
+async def wait_stopped(cl: ClusterClient, name: str, *, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        owner, _ = await cl.owner(name)
+        if vm_state(owner, await cl.status(name)) is VmState.STOPPED:
+            return
+        await asyncio.sleep(0.1)
+    raise Timeout(f"VM {name} did not stop within {timeout:.0f}s")
+
+
+async def delete_vm(cl: ClusterClient, name: str) -> None:
+    spec = await cl.spec(name)
+    owner, rev = await cl.owner(name)
+    if vm_state(owner, await cl.status(name)) is not VmState.STOPPED:
+        raise Conflict(f"VM {name} is not stopped; stop it first")
+    ops: list[Put | Delete] = [Delete(cl.keys.vm_prefix(name), prefix=True)]
+    ip = spec.nics[0].ip if spec.nics else None
+    if ip is not None:
+        ops.append(Delete(cl.keys.ip_claim(ip)))
+    res = await cl.store.txn([Compare.unchanged(cl.keys.vm_owner(name), rev)], ops)
+    if not res.succeeded:
+        raise Conflict(f"VM {name} changed while deleting it; try again")
+    try:
+        remove_vm_files(await cl.volume(spec.volume), name)
+    except NotFound:
+        pass
+
+
+def save_config(volume: Volume, spec: VmSpec) -> None:
+    write_config(volume, spec.name, codec.encode(spec))

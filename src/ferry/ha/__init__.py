@@ -1,0 +1,1 @@
+"""High availability: placement policy (pure), and later leader election and fencing."""

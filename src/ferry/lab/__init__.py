@@ -1,0 +1,1 @@
+"""The lab: a real multi-node cluster on one machine (network namespaces, etcd, agents)."""

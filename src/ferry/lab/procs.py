@@ -1,0 +1,97 @@
+"""Processes the lab starts (etcd, agents, the prober): start detached, find, and kill by PID.
+
+A PID is only signalled after /proc/PID/cmdline shows the marker the lab started it with,
+so a PID reused by someone else's process is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+def start_detached(argv: list[str], *, log: Path, env: dict[str, str] | None = None) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True, env=env,
+        )
+    return proc.pid
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+def is_running(pid: int | None, marker: str) -> bool:
+    if not pid:
+        return False
+    line = cmdline(pid)
+    if not line or marker not in line:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def stop(pid: int | None, marker: str, *, timeout: float = 5.0) -> bool:
+    """SIGTERM, then SIGKILL after ``timeout``; True if a process was stopped."""
+    if pid is None or not is_running(pid, marker):
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _reap(pid)
+        if not is_running(pid, marker):
+            return True
+        time.sleep(0.05)
+    kill(pid, marker)
+    return True
+
+
+def kill(pid: int | None, marker: str, *, sig: int = signal.SIGKILL) -> bool:
+    if pid is None or not is_running(pid, marker):
+        return False
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    for _ in range(100):
+        _reap(pid)
+        if sig != signal.SIGKILL or not is_running(pid, marker):
+            break
+        time.sleep(0.02)
+    return True
+
+
+def qemu_pids(run_dir: Path) -> list[int]:
+    """QEMU processes whose pidfile is under a node's run directory (and still match)."""
+    pids = []
+    for pidfile in sorted(run_dir.glob("vms/*/qemu.pid")):
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if is_running(pid, str(pidfile.parent)):
+            pids.append(pid)
+    return pids

@@ -1,0 +1,1 @@
+"""The virtual switch (a bridge of the same name on every node) and VM taps."""

@@ -1,0 +1,1 @@
+"""QEMU: command lines (pure), processes, and the QMP monitor."""

@@ -1,0 +1,251 @@
+"""A typed wrapper over qemu.qmp: the commands Ferry uses, with QEMU's errors as QemuError.
+
+QMP answers are parsed here, at the boundary, into small dataclasses; nothing above this
+module sees QMP's raw dictionaries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
+
+from ferry.model.errors import QemuError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QmpEvent:
+    name: str
+    timestamp: float  # host wall clock when QEMU emitted it
+    status: str = ""  # MIGRATION's status, SHUTDOWN's reason
+    pass_: int = 0  # MIGRATION_PASS's pass number
+
+
+@dataclass(frozen=True)
+class MigrateInfo:
+    """query-migrate, flattened. Absent fields are 0.
+
+    ``status`` is what QEMU says; ``outgoing`` is the state of this process's outgoing
+    migration. They differ in a QEMU that was itself a migration target: QEMU 7.2 reports
+    the incoming migration's status ("completed") for the rest of its life, so the outgoing
+    state is inferred from the fields only the outgoing side fills in."""
+
+    status: str
+    outgoing: str = "none"
+    total_time_ms: int = 0
+    downtime_ms: int = 0
+    expected_downtime_ms: int = 0
+    setup_time_ms: int = 0
+    ram_total: int = 0
+    ram_transferred: int = 0
+    ram_remaining: int = 0
+    ram_mbps: float = 0.0
+    dirty_pages_rate: float = 0.0
+    page_size: int = 4096
+    dirty_sync_count: int = 0
+    throttle_pct: int = 0
+    postcopy_blocktime_ms: int = 0
+    error: str = ""
+
+
+def _int(d: Mapping[str, object], key: str) -> int:
+    v = d.get(key, 0)
+    return int(v) if isinstance(v, (int, float)) else 0
+
+
+def _float(d: Mapping[str, object], key: str) -> float:
+    v = d.get(key, 0.0)
+    return float(v) if isinstance(v, (int, float)) else 0.0
+
+
+OUTGOING_ACTIVE = ("setup", "active", "device", "pre-switchover", "cancelling",
+                   "postcopy-active", "postcopy-paused", "postcopy-recover", "wait-unplug")
+
+
+def outgoing_status(raw: Mapping[str, object]) -> str:
+    """The outgoing migration's state from query-migrate's fields (see MigrateInfo)."""
+    status = str(raw.get("status", "none"))
+    if "downtime" in raw:
+        return "completed"  # only a completed outgoing migration reports its downtime
+    if "ram" in raw:
+        return status if status in OUTGOING_ACTIVE else "active"
+    if "error-desc" in raw:
+        return "failed"
+    if status in ("setup", "cancelled", "cancelling", "failed"):
+        return status
+    return "none"
+
+
+def parse_migrate_info(raw: object) -> MigrateInfo:
+    if not isinstance(raw, dict):
+        raise QemuError(f"query-migrate: unexpected answer {raw!r}")
+    ram = raw.get("ram")
+    ram = ram if isinstance(ram, dict) else {}
+    return MigrateInfo(
+        status=str(raw.get("status", "none")),
+        outgoing=outgoing_status(raw),
+        total_time_ms=_int(raw, "total-time"),
+        downtime_ms=_int(raw, "downtime"),
+        expected_downtime_ms=_int(raw, "expected-downtime"),
+        setup_time_ms=_int(raw, "setup-time"),
+        ram_total=_int(ram, "total"),
+        ram_transferred=_int(ram, "transferred"),
+        ram_remaining=_int(ram, "remaining"),
+        ram_mbps=_float(ram, "mbps"),
+        dirty_pages_rate=_float(ram, "dirty-pages-rate"),
+        page_size=_int(ram, "page-size") or 4096,
+        dirty_sync_count=_int(ram, "dirty-sync-count"),
+        throttle_pct=_int(raw, "cpu-throttle-percentage"),
+        postcopy_blocktime_ms=_int(raw, "postcopy-blocktime"),
+        error=str(raw.get("error-desc", "")),
+    )
+
+
+def parse_event(msg: Mapping[str, object]) -> QmpEvent:
+    ts = msg.get("timestamp")
+    when = 0.0
+    if isinstance(ts, dict):
+        when = _int(ts, "seconds") + _int(ts, "microseconds") / 1e6
+    data = msg.get("data")
+    data = data if isinstance(data, dict) else {}
+    status = data.get("status", data.get("reason", ""))
+    return QmpEvent(
+        name=str(msg.get("event", "")),
+        timestamp=when,
+        status=str(status),
+        pass_=_int(data, "pass"),
+    )
+
+
+class EventStream:
+    """Events of some names, queued from the moment it was opened."""
+
+    def __init__(self, listener: EventListener) -> None:
+        self._listener = listener
+
+    async def get(self, *, timeout: float | None = None) -> QmpEvent:
+        try:
+            msg = await asyncio.wait_for(self._listener.get(), timeout)
+        except TimeoutError as err:
+            raise QemuError(f"no QMP event within {timeout:.1f}s") from err
+        return parse_event(msg)
+
+    async def wait_for(
+        self, name: str, *, statuses: Sequence[str] = (), timeout: float | None = None
+    ) -> QmpEvent:
+        """The next event called ``name`` (with one of ``statuses``, if given)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            ev = await self.get(timeout=left)
+            if ev.name == name and (not statuses or ev.status in statuses):
+                return ev
+
+
+class Monitor:
+    """One QMP session with one QEMU process."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._qmp = QMPClient(name)
+        # The library's default listener would queue every event forever (nobody reads it,
+        # and it cannot be removed): make it accept none.
+        self._qmp.events.accept = lambda event: False  # type: ignore[method-assign]
+
+    async def connect(self, path: Path, *, timeout: float = 10.0) -> None:
+        """Connect, retrying while QEMU is still creating its socket."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                await self._qmp.connect(str(path))
+                return
+            except QMPError as err:
+                if loop.time() >= deadline:
+                    raise QemuError(f"{self.name}: cannot connect to QMP at {path}: {err}") from err
+            await asyncio.sleep(0.02)
+
+    @property
+    def connected(self) -> bool:
+        return self._qmp.runstate == Runstate.RUNNING
+
+    async def close(self) -> None:
+        try:
+            await self._qmp.disconnect()
+        except (QMPError, OSError, EOFError) as err:
+            log.debug("%s: disconnect: %s", self.name, err)
+
+    async def execute(self, cmd: str, args: Mapping[str, object] | None = None) -> object:
+        try:
+            return await self._qmp.execute(cmd, args)
+        except ExecuteError as err:
+            raise QemuError(f"{self.name}: {cmd}: {err.error.error.desc}") from err
+        except (QMPError, OSError, EOFError) as err:
+            raise QemuError(f"{self.name}: {cmd}: monitor connection lost ({err})") from err
+
+    @contextmanager
+    def events(self, *names: str) -> Iterator[EventStream]:
+        """Queue events of ``names`` (all if none) while the block runs."""
+        with self._qmp.listener(names) as listener:
+            yield EventStream(listener)
+
+    async def run_state(self) -> str:
+        raw = await self.execute("query-status")
+        if not isinstance(raw, dict):
+            raise QemuError(f"{self.name}: query-status: unexpected answer {raw!r}")
+        return str(raw.get("status", "unknown"))
+
+    async def query_migrate(self) -> MigrateInfo:
+        return parse_migrate_info(await self.execute("query-migrate"))
+
+    async def set_capabilities(self, caps: Mapping[str, bool]) -> None:
+        await self.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
+        )
+
+    async def set_parameters(self, params: Mapping[str, int | str | bool]) -> None:
+        if params:
+            await self.execute("migrate-set-parameters", dict(params))
+
+    async def migrate(self, uri: str) -> None:
+        await self.execute("migrate", {"uri": uri})
+
+    async def migrate_incoming(self, uri: str) -> None:
+        await self.execute("migrate-incoming", {"uri": uri})
+
+    async def migrate_cancel(self) -> None:
+        await self.execute("migrate_cancel")
+
+    async def cont(self) -> None:
+        await self.execute("cont")
+
+    async def stop(self) -> None:
+        await self.execute("stop")
+
+    async def powerdown(self) -> None:
+        await self.execute("system_powerdown")
+
+    async def announce(self, *, initial_ms: int = 0, rounds: int = 5, step_ms: int = 50) -> None:
+        await self.execute(
+            "announce-self",
+            {"initial": initial_ms, "max": max(initial_ms, step_ms * rounds), "rounds": rounds,
+             "step": step_ms},
+        )
+
+    async def quit(self) -> None:
+        """Ask QEMU to exit; the connection dropping as it goes is expected."""
+        try:
+            await self._qmp.execute("quit")
+        except ExecuteError as err:
+            raise QemuError(f"{self.name}: quit: {err.error.error.desc}") from err
+        except (QMPError, OSError, EOFError):
+            pass

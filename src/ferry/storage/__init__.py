@@ -1,0 +1,1 @@
+"""Shared volumes and the files of VMs on them."""

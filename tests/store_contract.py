@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import cast
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, cast
 
 import pytest
 
@@ -198,7 +197,9 @@ class StoreContract:
         assert await holds(Compare(key, Target.LEASE, Op.EQUAL, 0))
         assert not await holds(Compare(key, Target.VERSION, Op.GREATER, 2))
         assert not await holds(Compare.exists(key), Compare.value_is(key, "v1"))
-        assert await holds(Compare.unchanged(missing, 0), Compare(missing, Target.LEASE, Op.EQUAL, 0))
+        assert await holds(
+            Compare.unchanged(missing, 0), Compare(missing, Target.LEASE, Op.EQUAL, 0)
+        )
         # etcd: a VALUE compare on a missing key fails whatever the op.
         assert not await holds(Compare(missing, Target.VALUE, Op.NOT_EQUAL, "x"))
         assert not await holds(Compare.value_is(missing, ""))
@@ -206,9 +207,15 @@ class StoreContract:
     async def test_txn_rejects_a_key_written_twice(self, h: Harness) -> None:
         key = h.prefix + "k"
         before = await current_revision(h)
-        for ops_ in ([Put(key, "1"), Put(key, "2")], [Put(key, "1"), Delete(h.prefix, prefix=True)]):
+        branches: list[list[TxnOp]] = [
+            [Put(key, "1"), Put(key, "2")],
+            [Put(key, "1"), Delete(h.prefix, prefix=True)],
+        ]
+        for ops_ in branches:
             with pytest.raises(StoreError) as caught:
-                await h.store.txn([Compare.absent(h.prefix + "other")], [Put(h.prefix + "x", "")], ops_)
+                await h.store.txn(
+                    [Compare.absent(h.prefix + "other")], [Put(h.prefix + "x", "")], ops_
+                )
             assert not isinstance(caught.value, LeaseExpired)
         assert await current_revision(h) == before
 
@@ -239,7 +246,9 @@ class StoreContract:
         def bump(value: str | None) -> str:
             return str(int(value or "0") + 1)
 
-        results = await asyncio.gather(*(ops.update(h.store, key, bump, attempts=50) for _ in range(8)))
+        results = await asyncio.gather(
+            *(ops.update(h.store, key, bump, attempts=50) for _ in range(8))
+        )
         entry = await h.store.get(key)
         assert entry is not None and entry.value == "8" and entry.version == 8
         assert sorted(r.value for r in results if r) == [str(i) for i in range(1, 9)]
@@ -354,7 +363,15 @@ class StoreContract:
             ("DELETE", "w/c", ""),
         ]
         revisions = [e.mod_revision for e in events]
-        assert revisions == [start, start + 2, start + 2, start + 3, start + 4, start + 5, start + 5]
+        assert revisions == [
+            start,
+            start + 2,
+            start + 2,
+            start + 3,
+            start + 4,
+            start + 5,
+            start + 5,
+        ]
         assert events[4].create_revision == start + 2
 
     async def test_watch_live_and_from_now(self, h: Harness) -> None:
@@ -417,7 +434,9 @@ class StoreContract:
 
     async def test_watch_closes_when_cancelled(self, h: Harness) -> None:
         base = await h.open_watches()
-        task = asyncio.create_task(collect(h.store.watch(h.prefix, start_revision=0), 99, timeout=60))
+        task = asyncio.create_task(
+            collect(h.store.watch(h.prefix, start_revision=0), 99, timeout=60)
+        )
         await eventually(lambda: _opened(h, base + 1))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -26,7 +27,7 @@ import pytest
 
 from ferry.model.errors import LeaseExpired, StoreError
 from ferry.store.base import ClusterStore, Compare, EventType, Put, WatchEvent
-from ferry.store.etcd import EtcdStore
+from ferry.store.etcd import EtcdStore, TlsConfig
 from tests.store_contract import StoreContract, collect, eventually
 
 pytestmark = [
@@ -54,11 +55,22 @@ class EtcdCluster:
     names: list[str]
     client_ports: list[int]
     peer_ports: list[int]
+    tls: TlsConfig | None = None
     procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
     def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{port}" for port in self.client_ports]
+        scheme = "https" if self.tls else "http"
+        return [f"{scheme}://127.0.0.1:{port}" for port in self.client_ports]
+
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            "--trusted-ca-file", str(self.tls.ca_file), "--client-cert-auth",
+            "--cert-file", str(self.root / "server.crt"),
+            "--key-file", str(self.root / "server.key"),
+        ]  # fmt: skip
 
     def start(self, index: int) -> None:
         name, peer = self.names[index], f"http://127.0.0.1:{self.peer_ports[index]}"
@@ -71,8 +83,8 @@ class EtcdCluster:
              "--listen-client-urls", self.urls[index], "--advertise-client-urls", self.urls[index],
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", initial, "--initial-cluster-state", "new",
-             "--initial-cluster-token", self.root.name],
-            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+             "--initial-cluster-token", self.root.name, *self._tls_args()],
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,  # noqa: PLW1509 - started before any thread
         )  # fmt: skip
         log.close()
 
@@ -94,15 +106,16 @@ class EtcdCluster:
                 time.sleep(0.05)
 
     def _healthy(self, index: int) -> bool:
+        verify: ssl.SSLContext | bool = self.tls.context() if self.tls else True
         try:
-            answer = httpx.get(self.urls[index] + "/health", timeout=1)
+            answer = httpx.get(self.urls[index] + "/health", timeout=1, verify=verify)
         except httpx.HTTPError:
             return False
         return answer.status_code == 200 and answer.json().get("health") == "true"
 
 
 @contextlib.contextmanager
-def running_etcd(size: int = 1) -> Iterator[EtcdCluster]:
+def running_etcd(size: int = 1, *, tls: bool = False) -> Iterator[EtcdCluster]:
     root = Path(tempfile.mkdtemp(prefix="ferry-etcd-test-", dir="/dev/shm"))
     cluster = EtcdCluster(
         root,
@@ -111,6 +124,8 @@ def running_etcd(size: int = 1) -> Iterator[EtcdCluster]:
         [free_port() for _ in range(size)],
     )
     try:
+        if tls:
+            cluster.tls = make_certificates(root)
         for index in range(size):
             cluster.start(index)
         cluster.wait_healthy(list(range(size)))
@@ -119,6 +134,29 @@ def running_etcd(size: int = 1) -> Iterator[EtcdCluster]:
         for index in list(cluster.procs):
             cluster.kill(index)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def make_certificates(root: Path) -> TlsConfig:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all in ``root``."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+            "-subj", "/CN=ferry test CA")  # fmt: skip
+    # etcd's JSON gateway dials etcd's own gRPC port with the server certificate as its client
+    # certificate: without clientAuth in it, every gateway call fails (and /health passes).
+    for name, usage in (("server", "serverAuth,clientAuth"), ("client", "clientAuth")):
+        (root / f"{name}.ext").write_text(
+            f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"
+        )
+        openssl("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN=ferry test {name}")  # fmt: skip
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "1", "-out", f"{name}.crt",
+                "-extfile", f"{name}.ext")  # fmt: skip
+    return TlsConfig(str(root / "ca.crt"), str(root / "client.crt"), str(root / "client.key"))
 
 
 @pytest.fixture(scope="module")
@@ -221,11 +259,10 @@ async def test_clear_error_when_nothing_answers() -> None:
 
 
 def test_etcd_is_killed_and_removed_even_if_the_test_fails() -> None:
-    with pytest.raises(RuntimeError, match="boom"):
-        with running_etcd() as cluster:
-            pid, root = cluster.procs[0].pid, cluster.root
-            assert httpx.get(cluster.urls[0] + "/health").status_code == 200
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), running_etcd() as cluster:
+        pid, root = cluster.procs[0].pid, cluster.root
+        assert httpx.get(cluster.urls[0] + "/health").status_code == 200
+        raise RuntimeError("boom")
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not root.exists()
@@ -303,3 +340,20 @@ async def test_lease_expiry_deletes_are_watch_events(h: EtcdHarness) -> None:
     assert [(e.type, e.key) for e in events] == [(EventType.DELETE, h.prefix + "alive")]
     with pytest.raises(LeaseExpired):
         await h.store.keepalive(lease)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+async def test_tls_with_client_certificate() -> None:
+    with running_etcd(tls=True) as cluster:
+        assert cluster.tls is not None and cluster.urls[0].startswith("https://")
+        store = EtcdStore(cluster.urls, tls=cluster.tls)
+        try:
+            revision = await store.put("/tls/k", "v")
+            events = await collect(store.watch("/tls/", start_revision=revision), 1)
+            assert [e.value for e in events] == ["v"]
+        finally:
+            await store.close()
+        anonymous = EtcdStore(cluster.urls, tls=TlsConfig(ca_file=cluster.tls.ca_file))
+        with pytest.raises(StoreError):
+            await anonymous.get("/tls/k")
+        await anonymous.close()

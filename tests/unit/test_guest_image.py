@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import uuid
 from pathlib import Path
+from stat import S_IFCHR, S_IFDIR, S_IFLNK, S_IFREG
 from typing import Any
 
 import pytest
@@ -27,10 +28,6 @@ from ferry.lab.diskrecords import (
     read_records,
 )
 from ferry.lab.guest import (
-    S_IFCHR,
-    S_IFDIR,
-    S_IFLNK,
-    S_IFREG,
     CpioEntry,
     build_guest_image,
     guest_cmdline,

@@ -55,11 +55,24 @@ class AgentContext:
     ) -> MigrationRecord:
         """Apply ``change`` to the freshest record; retry when another writer got in first."""
         key = self.keys.migration_record(mid)
-        for _ in range(20):
-            rec, rev = await self.read_record(mid)
-            new = change(rec)
-            if new == rec:
-                return rec
+        for attempt in range(20):
+            # First try on the watch's copy: usually current, and it saves a round trip. A
+            # decision on a stale copy is never final: on any doubt, read the store.
+            cached = self.view.migration(mid) if attempt == 0 else None
+            entry = self.view.entries.get(key) if cached is not None else None
+            if cached is not None and entry is not None:
+                rec, rev = cached, entry.mod_revision
+                try:
+                    new = change(rec)
+                except Conflict:
+                    continue
+                if new == rec:
+                    continue
+            else:
+                rec, rev = await self.read_record(mid)
+                new = change(rec)
+                if new == rec:
+                    return rec
             res = await self.store.txn([Compare.unchanged(key, rev)], [Put(key, codec.encode(new))])
             if res.succeeded:
                 return new

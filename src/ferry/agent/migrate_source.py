@@ -68,19 +68,31 @@ def _check_cancel(ctx: AgentContext, mid: str) -> None:
 
 
 async def _prepare(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> MigrationRecord:
+    """Steps 1-3. Steps 1 and 2 are decided here and written with step 3 in one update, so
+    the target starts creating its QEMU one store round trip after the request."""
     mid = rec.id
     _check_cancel(ctx, mid)
-    if rec.phase is P.QUEUED:
-        rec = await ctx.advance(mid, P.CONNECTING, f"{rec.source} -> {rec.target}")
-    if rec.phase is P.CONNECTING:
+    if rec.phase.step < P.CREATING_TARGET.step:
         network, address = _choose_network(ctx, rec)
-        _check_cancel(ctx, mid)
         config = TargetConfig(spec=local.meta.spec, accel=local.meta.accel,
                               cpu_model=local.meta.cpu_model)
-        rec = await ctx.advance(mid, P.SENDING_CONFIG, f"network {network} ({address})",
-                                network=network, config=config)
-    if rec.phase is P.SENDING_CONFIG:
-        rec = await ctx.advance(mid, P.CREATING_TARGET, "target creates an empty VM")
+
+        def steps_1_to_3(r: MigrationRecord) -> MigrationRecord:
+            now = time.time()
+            if r.phase is P.QUEUED:
+                r = r.advance(P.CONNECTING, at=now, node=ctx.node,
+                              note=f"{r.target} is up on network {network} ({address})")
+            if r.phase is P.CONNECTING:
+                r = r.advance(P.SENDING_CONFIG, at=now, node=ctx.node,
+                              note=f"{config.spec.memory_mib} MiB, {config.accel},"
+                                   f" cpu {config.cpu_model}")
+                r = dataclasses.replace(r, network=network, config=config)
+            if r.phase is P.SENDING_CONFIG:
+                r = r.advance(P.CREATING_TARGET, at=now, node=ctx.node,
+                              note="target creates an empty VM")
+            return r
+
+        await ctx.update_record(mid, steps_1_to_3)
     rec = await _await_target(ctx, mid)
     info = await local.monitor.query_migrate()
     if info.outgoing not in OUTGOING_ACTIVE:
@@ -138,6 +150,11 @@ async def _copy_memory(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) 
         stopped_at = None
         with contextlib.suppress(QemuError):
             stopped_at = (await stops.get(timeout=0.5)).timestamp
+    # The VM is paused until the target commits: write nothing that would wake every agent
+    # and compete for the CPU and the store in that window.
+    with contextlib.suppress(FerryError):
+        await _await_commit(ctx, rec)
+    await ctx.publish_progress(mid, _progress(info, time.time()))
     summary = MigrationSummary(
         total_s=0.0, qemu_total_ms=info.total_time_ms, downtime_ms=info.downtime_ms,
         switchover_ms=None, bytes_sent=info.ram_transferred, setup_ms=info.setup_time_ms,
@@ -171,7 +188,6 @@ async def _follow(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> Mi
                     break
                 await asyncio.sleep(0.01)
                 info = await local.monitor.query_migrate()
-            await ctx.publish_progress(rec.id, _progress(info, now))
             return info
         if info.outgoing not in OUTGOING_ACTIVE:
             raise MigrationFailed(P.COPYING_MEMORY.value,

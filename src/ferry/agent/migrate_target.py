@@ -8,7 +8,6 @@ transaction fails, the VM never ran here and the source resumes it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -41,12 +40,11 @@ async def drive_target(ctx: AgentContext, mid: str) -> None:
     rec, _ = await ctx.read_record(mid)
     local = ctx.runtime.vms.get(rec.vm)
     owner_key = ctx.keys.vm_owner(rec.vm)
-    resumed_at: float | None = None
     try:
         entry = await ctx.store.get(owner_key)
         owner = codec.decode(Owner, entry.value) if entry else None
-        committed = owner is not None and owner.node == ctx.node
-        if not committed:
+        completed_at = time.time()
+        if owner is None or owner.node != ctx.node:  # not committed yet
             if rec.phase.terminal or rec.target_error or entry is None or owner is None \
                     or owner.migration != mid:
                 await _release(ctx, mid, local)
@@ -55,27 +53,25 @@ async def drive_target(ctx: AgentContext, mid: str) -> None:
                 if rec.target_uri:
                     raise TargetGaveUp("the target QEMU is gone")
                 local = await _create(ctx, rec)
-            completed_at = await _receive(ctx, mid, local)
-            if completed_at is None or not await _commit(ctx, mid, owner_key=owner_key,
-                                                         owner_rev=entry.mod_revision):
+            received = await _receive(ctx, mid, local)
+            token = None if received is None else await _commit(
+                ctx, mid, owner_key=owner_key, owner_rev=entry.mod_revision)
+            if received is None or token is None:
                 await _release(ctx, mid, local)
                 return
-            committed_at = time.time()
-            resumed_at = await _resume(local)
-            await _record_commit(ctx, mid, completed_at=completed_at, committed_at=committed_at)
-        elif local is not None:
-            resumed_at = await _resume(local)
-            now = time.time()
-            await _record_commit(ctx, mid, completed_at=now, committed_at=now)
-        await _online(ctx, mid, local, resumed_at=resumed_at)
+            completed_at = received
+        else:
+            token = entry.mod_revision if entry else 0
+        await _online(ctx, mid, local, token=token, completed_at=completed_at)
     except FerryError as err:
         if await _owned_here(ctx, rec.vm):
             log.error("migration %s: committed, but finishing failed: %s; the VM stays", mid, err)
             return
-        log.warning("migration %s: target gives up: %s", mid, err)
+        reason = str(err)
+        log.warning("migration %s: target gives up: %s", mid, reason)
         with contextlib.suppress(FerryError):
             await ctx.update_record(mid, lambda r: r if r.committed else
-                                    dataclasses.replace(r, target_error=str(err)))
+                                    dataclasses.replace(r, target_error=reason))
         await _release(ctx, mid, ctx.runtime.vms.get(rec.vm))
 
 
@@ -95,9 +91,9 @@ async def _create(ctx: AgentContext, rec: MigrationRecord) -> LocalVm:
     await mon.migrate_incoming(f"tcp:{address}:0")
     port = await _listening_port(local)
     uri = f"tcp:{address}:{port}"
-    await ctx.update_record(rec.id, lambda r: r.note(
-        at=time.time(), node=ctx.node, note=f"target QEMU pid {local.proc.pid} listens at {uri}"))
-    await ctx.update_record(rec.id, lambda r: dataclasses.replace(r, target_uri=uri))
+    await ctx.update_record(rec.id, lambda r: dataclasses.replace(r.note(
+        at=time.time(), node=ctx.node, note=f"target QEMU pid {local.proc.pid} listens at {uri}"),
+        target_uri=uri))
     return local
 
 
@@ -132,33 +128,16 @@ async def _receive(ctx: AgentContext, mid: str, local: LocalVm) -> float | None:
                     return time.time()
 
 
-async def _commit(ctx: AgentContext, mid: str, *, owner_key: str, owner_rev: int) -> bool:
+async def _commit(ctx: AgentContext, mid: str, *, owner_key: str, owner_rev: int) -> int | None:
     """The point of no return: ownership moves here in one transaction, guarded by the
     owner record's revision (a failed or ended migration changes it) and by the absence of
     a cancel request. It is prepared in advance so that the VM's pause is one round trip
-    longer than QEMU's own switchover, no more."""
+    longer than QEMU's own switchover, no more. Returns the new token, or None."""
     res = await ctx.store.txn(
         [Compare.unchanged(owner_key, owner_rev), Compare.absent(ctx.keys.migration_cancel(mid))],
         [Put(owner_key, codec.encode(Owner(node=ctx.node, power=Power.ON)))],
     )
-    return res.succeeded
-
-
-async def _record_commit(ctx: AgentContext, mid: str, *, completed_at: float,
-                         committed_at: float) -> None:
-    """Step 5 is recorded when the stream completes: the source has flushed and released the
-    disks, and this QEMU takes them over when it resumes."""
-    def change(rec: MigrationRecord) -> MigrationRecord:
-        if rec.committed:
-            return rec
-        if rec.phase is P.COPYING_MEMORY:
-            rec = rec.advance(P.HANDING_OVER_DISKS, at=completed_at, node=ctx.node,
-                              note="stream complete: the source released the disks")
-        rec = rec.advance(P.BRINGING_ONLINE, at=committed_at, node=ctx.node,
-                          note="ownership moved to the target (point of no return)")
-        return dataclasses.replace(rec, committed_at=committed_at)
-
-    await ctx.update_record(mid, change)
+    return res.revision if res.succeeded else None
 
 
 async def _resume(local: LocalVm) -> float | None:
@@ -170,23 +149,38 @@ async def _resume(local: LocalVm) -> float | None:
         return (await resumes.get(timeout=10)).timestamp
 
 
-async def _online(ctx: AgentContext, mid: str, local: LocalVm | None, *,
-                  resumed_at: float | None) -> None:
-    """Step 7 and the bookkeeping: announce, promote, report."""
+async def _online(ctx: AgentContext, mid: str, local: LocalVm | None, *, token: int,
+                  completed_at: float) -> None:
+    """Steps 6 and 7 once committed: resume, announce, then record steps 5-7 in one write.
+
+    Step 5 is recorded when the stream completed: the source had flushed and released the
+    disks, and this QEMU takes them over as it resumes."""
+    committed_at = time.time()
     if local is None:
         log.error("migration %s: committed but the target QEMU is gone", mid)
         return  # the owner record says run here: the loop starts the VM afresh
+    resumed_at = await _resume(local)
     await local.monitor.announce(initial_ms=0, rounds=3, step_ms=20)
-    rec, _ = await ctx.read_record(mid)
-    entry = await ctx.store.get(ctx.keys.vm_owner(rec.vm))
-    token = entry.mod_revision if entry else 0
+
+    def steps_5_to_7(rec: MigrationRecord) -> MigrationRecord:
+        if rec.phase.step >= P.ANNOUNCING.step:
+            return rec
+        if rec.phase is P.COPYING_MEMORY:
+            rec = rec.advance(P.HANDING_OVER_DISKS, at=completed_at, node=ctx.node,
+                              note="stream complete: the source released the disks")
+        if not rec.committed:
+            rec = rec.advance(P.BRINGING_ONLINE, at=committed_at, node=ctx.node,
+                              note="ownership moved to the target (point of no return)")
+        rec = rec.advance(P.ANNOUNCING, at=time.time(), node=ctx.node,
+                          note="running on the target; announced on the switch")
+        return dataclasses.replace(rec, committed_at=rec.committed_at or committed_at,
+                                   resumed_at=resumed_at or rec.resumed_at)
+
+    rec = await ctx.update_record(mid, steps_5_to_7)
     ctx.runtime.promote(local, token=token)
     local.run_state = await local.monitor.run_state()
     await ctx.report_status(rec.vm, VmStatus(node=ctx.node, state=VmState.RUNNING, token=token,
                                              pid=local.proc.pid, since=local.meta.started_at))
-    if rec.phase.step < P.ANNOUNCING.step:
-        await ctx.advance(mid, P.ANNOUNCING, "running on the target; announced on the switch",
-                          resumed_at=resumed_at or rec.resumed_at)
 
 
 async def _owned_here(ctx: AgentContext, vm: str) -> bool:

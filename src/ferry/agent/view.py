@@ -33,6 +33,8 @@ class StoreView:
         self.revision = 0
         self._changed = asyncio.Condition()
         self.on_change: Callable[[], None] = lambda: None
+        # Decoding JSON is most of a cycle's cost: decode each (key, revision) once.
+        self._decoded: dict[str, tuple[int, object]] = {}
 
     async def load(self) -> None:
         entries, rev = await self.store.get_prefix(self.keys.root)
@@ -59,7 +61,7 @@ class StoreView:
                                 version=(old.version + 1) if old else 1,
                             )
                         self.revision = max(self.revision, ev.mod_revision)
-                    await self._notify()
+                    await self._notify(wake=any(not ev.key.endswith("/progress") for ev in batch))
             except Compacted:
                 log.warning("watch compacted at %d: re-listing", self.revision)
                 await self._reload()
@@ -72,10 +74,11 @@ class StoreView:
         with contextlib.suppress(FerryError):
             await self.load()
 
-    async def _notify(self) -> None:
+    async def _notify(self, *, wake: bool = True) -> None:
         async with self._changed:
             self._changed.notify_all()
-        self.on_change()
+        if wake:  # progress samples are for people; they never change a decision
+            self.on_change()
 
     async def wait_for(self, predicate: Callable[[], T | None], *, timeout: float) -> T:
         """Wait until ``predicate()`` returns something other than None/False; return it."""
@@ -96,11 +99,16 @@ class StoreView:
         e = self.entries.get(key)
         if e is None:
             return None
+        cached = self._decoded.get(key)
+        if cached is not None and cached[0] == e.mod_revision and isinstance(cached[1], cls):
+            return cached[1], e
         try:
-            return codec.decode(cls, e.value), e
+            value = codec.decode(cls, e.value)
         except InvalidSpec as err:
             log.error("ignoring malformed %s at %s: %s", cls.__name__, key, err)
             return None
+        self._decoded[key] = (e.mod_revision, value)
+        return value, e
 
     def spec(self, vm: str) -> VmSpec | None:
         got = self._decode(VmSpec, self.keys.vm_spec(vm))

@@ -166,7 +166,8 @@ def _migrate_command(fn_name: str, help_text: str) -> click.Command:
     @click.option("--to", "to", required=True, help="Target node.")
     @click.option("--no-wait", is_flag=True, help="Queue it and return its id.")
     @click.option("--bandwidth", default=None, help="Limit, e.g. 100M (bytes/s).")
-    @click.option("--downtime-ms", default=300, show_default=True, type=int,
+    @click.option("--downtime-ms", default=MigrationOptions().downtime_limit_ms,
+                  show_default=True, type=int,
                   help="Longest pause QEMU may take to switch over.")
     def command(name: str, to: str, no_wait: bool, bandwidth: str | None,
                 downtime_ms: int) -> None:

@@ -75,7 +75,7 @@ class MigrationOptions:
     """What the requester asked for; the policy engine fills the rest."""
 
     max_bandwidth: int = 0  # bytes/s; 0: no limit beyond the link
-    downtime_limit_ms: int = 300
+    downtime_limit_ms: int = 50
     priority: int = 0
 
 

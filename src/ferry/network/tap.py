@@ -19,12 +19,11 @@ async def link_exists(name: str) -> bool:
 
 async def ensure_tap(name: str, *, bridge: str) -> None:
     """Create tap ``name`` on ``bridge`` and bring it up; fine if it exists already."""
-    if not await link_exists(name):
-        try:
-            await run("ip", "tuntap", "add", "dev", name, "mode", "tap")
-        except CommandFailed:
-            if not await link_exists(name):  # lost a race with ourselves: fine
-                raise
+    try:
+        await run("ip", "tuntap", "add", "dev", name, "mode", "tap")
+    except CommandFailed:
+        if not await link_exists(name):  # "exists" is fine; anything else is not
+            raise
     await run("ip", "link", "set", "dev", name, "master", bridge, "up")
 
 

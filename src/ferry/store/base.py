@@ -17,6 +17,17 @@ Semantics (those of etcd):
   that no longer exists raises LeaseExpired and changes nothing.
 - ``watch`` yields batches of events after ``start_revision`` (inclusive), in revision
   order, without gaps. If that revision was compacted it raises Compacted: re-list.
+  ``start_revision=0`` means "from the next revision on". A batch holds whole revisions but
+  may hold several (a watch catching up gets its backlog at once). A DELETE event has an
+  empty value and create_revision 0; a lease's keys are deleted at one revision, in key
+  order. The iterator holds a server stream: stop it by cancelling the consuming task, or
+  ``aclose()`` it (both stores return async generators); after a mere ``break`` it closes
+  only once garbage-collected (at once in CPython, unless something still refers to it).
+- A write that changes nothing (deleting an absent key, revoking a lease without keys, a
+  txn branch without effect) takes no new revision.
+- In a txn, a VALUE compare on a missing key is false whatever its op; the other targets
+  see a missing key as 0. A branch that puts a key twice, or puts and deletes it, is
+  rejected with StoreError (both branches are checked, whichever runs).
 
 Errors: every method raises StoreError (a FerryError) when the store cannot be reached or
 answers with an error; LeaseExpired for a dead lease. Never anything else.

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import json
 import os
 import socket
@@ -122,7 +124,10 @@ class EtcdStore:
         self._endpoints = [e.rstrip("/") for e in endpoints]
         self._current = 0
         self._timeout = timeout
-        verify: ssl.SSLContext | bool = tls.context() if tls else True
+        try:
+            verify: ssl.SSLContext | bool = tls.context() if tls else True
+        except OSError as err:  # ssl.SSLError is one too
+            raise StoreError(f"etcd TLS configuration: {err}") from err
         self._client = httpx.AsyncClient(timeout=timeout, verify=verify)
         # Watch streams are idle for as long as nothing changes: no read timeout for them.
         watch_transport = httpx.AsyncHTTPTransport(
@@ -193,10 +198,8 @@ class EtcdStore:
         return ttl
 
     async def revoke_lease(self, lease: int) -> None:
-        try:
+        with contextlib.suppress(LeaseExpired):
             await self._call("/v3/lease/revoke", {"ID": str(lease)})
-        except LeaseExpired:
-            pass
 
     # -- cluster
 
@@ -230,7 +233,8 @@ class EtcdStore:
         failures = 0
         while True:
             endpoint, response = await self._failover(
-                lambda ep: self._open_watch(ep, prefix, start_revision=next_revision), idempotent=True
+                functools.partial(self._open_watch, prefix=prefix, start_revision=next_revision),
+                idempotent=True,
             )
             try:
                 async for line in response.aiter_lines():
@@ -244,7 +248,7 @@ class EtcdStore:
                         next_revision = events[-1].mod_revision + 1
                         yield events
                 reason = "stream ended"
-            except (httpx.HTTPError, _WatchBroken) as err:
+            except (httpx.HTTPError, OSError, _WatchBroken) as err:
                 reason = _describe(err)
             finally:
                 await response.aclose()
@@ -266,14 +270,16 @@ class EtcdStore:
             headers=_REQUIRE_LEADER,
         )
         response = await _send(self._watch_client, request, stream=True)
+        if response.status_code == 200:
+            return endpoint, response
         try:
-            if response.status_code != 200:
-                await response.aread()
-                _payload(response, endpoint)
-        except BaseException:
+            await response.aread()
+        except (httpx.HTTPError, OSError) as err:
+            raise _Unknown(_describe(err)) from err
+        finally:
             await response.aclose()
-            raise
-        return endpoint, response
+        _payload(response, endpoint)
+        raise _Unknown(f"HTTP {response.status_code}")  # _payload raises for any non-200
 
     # -- requests and failover
 
@@ -339,7 +345,9 @@ async def _send(
         raise _Unsent(_describe(err)) from err
     except httpx.TimeoutException as err:
         raise _Unknown(f"timed out ({type(err).__name__})") from err
-    except httpx.HTTPError as err:
+    except (httpx.HTTPError, OSError) as err:
+        # OSError: with TLS 1.3 a rejected client certificate shows up as a bare SSLError
+        # on the first read, unwrapped by httpx.
         raise _Unknown(_describe(err)) from err
 
 
@@ -387,6 +395,8 @@ def _describe(err: BaseException) -> str:
     """A short reason: the OS error under httpx's wrapping if there is one."""
     cause: BaseException | None = err
     while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS: {cause.reason or cause}".lower()
         if isinstance(cause, OSError) and cause.errno:
             if cause.errno > 0:
                 return os.strerror(cause.errno).lower()

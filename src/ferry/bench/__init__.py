@@ -1,0 +1,1 @@
+"""Benchmarks: commands that print tables; they measure, they do not assert."""

@@ -1,0 +1,1 @@
+"""Ferry's data model: frozen dataclasses and enums; only the standard library."""

@@ -451,6 +451,17 @@ class StoreContract:
             break
         await eventually(lambda: _opened(h, base))
 
+    async def test_close_ends_watches_and_calls(self, h: Harness) -> None:
+        base = await h.open_watches()
+        task = asyncio.create_task(collect(h.store.watch(h.prefix, start_revision=0), 1))
+        await eventually(lambda: _opened(h, base + 1))
+        await h.store.close()
+        with pytest.raises(StoreError, match="closed"):
+            await task
+        with pytest.raises(StoreError, match="closed"):
+            await h.store.put(h.prefix + "k", "v")
+        await h.store.close()  # twice is fine
+
     async def test_status(self, h: Harness) -> None:
         revision = await h.store.put(h.prefix + "k", "v")
         status = await h.store.status()

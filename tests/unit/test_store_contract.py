@@ -103,17 +103,6 @@ async def test_unreachable_store_fails_calls_and_watches() -> None:
     assert store.watcher_count == 0
 
 
-async def test_close_ends_watches_and_calls() -> None:
-    store = MemoryStore(clock=ManualClock())
-    task = asyncio.create_task(collect(store.watch("/", start_revision=0), 1))
-    await asyncio.sleep(0.01)
-    await store.close()
-    with pytest.raises(StoreError, match="closed"):
-        await task
-    with pytest.raises(StoreError, match="closed"):
-        await store.put("/k", "v")
-
-
 async def test_compact_bounds() -> None:
     store = MemoryStore(clock=ManualClock())
     revision = await store.put("/k", "v")

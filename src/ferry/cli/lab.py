@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from dataclasses import replace
 
 import click
 
@@ -36,7 +37,11 @@ def lab() -> None:
 def lab_up(nodes: int) -> None:
     """Build the lab (idempotent): namespaces, bridges, etcd, one agent per node."""
     click.echo(f"bringing up lab {labmod.lab_name()!r} with {nodes} nodes")
-    state = labmod.up(LabLayout(name=labmod.lab_name(), nodes=nodes), say=_say)
+    old = labmod.load_state()
+    layout = LabLayout(name=labmod.lab_name(), nodes=nodes)
+    if old is not None:  # keep its addresses; it may have been built with other ones
+        layout = replace(old.layout, nodes=max(nodes, old.nodes))
+    state = labmod.up(layout, say=_say)
     click.echo(f"lab is up: etcd at {state.endpoint}, nodes {', '.join(state.layout.node_names())}")
 
 

@@ -339,6 +339,8 @@ class EtcdStore:
 async def _send(
     client: httpx.AsyncClient, request: httpx.Request, *, stream: bool = False
 ) -> httpx.Response:
+    if client.is_closed:
+        raise StoreError("etcd store is closed")
     try:
         return await client.send(request, stream=stream)
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:

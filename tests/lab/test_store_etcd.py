@@ -77,7 +77,7 @@ class EtcdCluster:
         initial = ",".join(
             f"{n}=http://127.0.0.1:{p}" for n, p in zip(self.names, self.peer_ports, strict=True)
         )
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - etcd owns it from here
+        log = open(self.root / f"{name}.log", "ab")
         self.procs[index] = subprocess.Popen(
             ["etcd", "--name", name, "--data-dir", str(self.root / name),
              "--listen-client-urls", self.urls[index], "--advertise-client-urls", self.urls[index],

@@ -260,7 +260,7 @@ def test_status_is_reported_when_the_stored_one_differs(stored: VmStatus) -> Non
 def test_status_equal_to_the_stored_one_is_not_reported() -> None:
     plan = decide(snap({"vm1": facts(status=running_status())}, local_={"vm1": local()}))
     assert plan.actions == ()
-    assert "in sync (1 VMs owned here, 1 QEMUs)" == plan.reason
+    assert plan.reason == "in sync (1 VMs owned here, 1 QEMUs)"
 
 
 def test_status_differing_only_in_detail_or_since_is_not_rewritten() -> None:

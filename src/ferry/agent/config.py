@@ -50,6 +50,16 @@ def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any =
     return value
 
 
+def _positive(table: dict[str, Any], key: str, kind: type, where: str, default: Any) -> Any:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and not isinstance(value, int)):
+        raise InvalidSpec(f"{where}: key '{key}' must be a {kind.__name__}, not {value!r}")
+    if value <= 0:
+        raise InvalidSpec(f"{where}: key '{key}' must be positive, not {value!r}")
+    return kind(value)
+
+
 def _section(doc: dict[str, Any], name: str, where: str) -> dict[str, Any]:
     sec = doc.get(name, {})
     if not isinstance(sec, dict):
@@ -63,12 +73,20 @@ def parse_config(doc: dict[str, Any], *, where: str = "config") -> AgentConfig:
     net = _section(doc, "network", where)
     qemu = _section(doc, "qemu", where)
     timing = _section(doc, "timing", where)
-    name = check_name("node", _get(node, "name", str, f"{where} [node]"))
+    try:
+        name = check_name("node", _get(node, "name", str, f"{where} [node]"))
+    except InvalidSpec as err:
+        msg = str(err)
+        raise InvalidSpec(msg if msg.startswith(where) else f"{where} [node]: {msg}") from None
     endpoints = _get(store, "endpoints", list, f"{where} [store]")
     if not endpoints or not all(isinstance(e, str) for e in endpoints):
         raise InvalidSpec(f"{where} [store]: 'endpoints' must be a non-empty list of URLs")
     migs = []
-    for i, m in enumerate(net.get("migration", [])):
+    entries = net.get("migration", [])
+    if not isinstance(entries, list) or not all(isinstance(m, dict) for m in entries):
+        raise InvalidSpec(f"{where}: network.migration must be a list of tables"
+                          " ([[network.migration]] with name and address)")
+    for i, m in enumerate(entries):
         w = f"{where} [[network.migration]] #{i + 1}"
         migs.append(NetAddress(network=_get(m, "name", str, w), address=_get(m, "address", str, w)))
     accel = _get(qemu, "accel", str, f"{where} [qemu]", "auto")
@@ -86,9 +104,9 @@ def parse_config(doc: dict[str, Any], *, where: str = "config") -> AgentConfig:
         cpu_model=_get(qemu, "cpu_model", str, f"{where} [qemu]", ""),
         qemu_binary=_get(qemu, "binary", str, f"{where} [qemu]", "qemu-system-x86_64"),
         timings=Timings(
-            lease_ttl=_get(timing, "lease_ttl", int, f"{where} [timing]", 10),
-            resync_s=_get(timing, "resync_s", float, f"{where} [timing]", 2.0),
-            stop_timeout_s=_get(timing, "stop_timeout_s", float, f"{where} [timing]", 60.0),
+            lease_ttl=_positive(timing, "lease_ttl", int, f"{where} [timing]", 10),
+            resync_s=_positive(timing, "resync_s", float, f"{where} [timing]", 2.0),
+            stop_timeout_s=_positive(timing, "stop_timeout_s", float, f"{where} [timing]", 60.0),
         ),
     )
 

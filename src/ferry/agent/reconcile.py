@@ -152,7 +152,8 @@ def _vm_action(snap: Snapshot, name: str) -> tuple[list[Action], str]:
     if local is not None and not mine:
         if _incoming_in_flight(snap, name, local):
             return [], ""
-        return [KillVm(vm=name, why=f"owned by {owner.node if owner else 'nobody'}")], (
+        holder = owner.node if owner is not None and owner.node else "nobody"
+        return [KillVm(vm=name, why=f"owned by {holder}")], (
             "runs here but is not owned here: killing it"
         )
     if not mine or owner is None:

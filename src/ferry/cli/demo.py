@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import click
@@ -64,14 +65,14 @@ async def run_demo(*, vm_name: str, memory: str) -> None:
     try:
         for src, dst in (("node1", "node2"), ("node2", "node3"), ("node3", "node1")):
             _step(f"live migration {src} -> {dst}")
-            rows.append(await with_cluster(lambda cl: _hop(cl, vm_name, dst, log)))
+            rows.append(await with_cluster(functools.partial(_hop, vm=vm_name, dst=dst, log=log)))
             await asyncio.sleep(1.5)
     finally:
         await asyncio.to_thread(labmod.stop_prober, state, pid)
     await _closing(ns, ip, status, rows)
 
 
-async def _hop(cl: ClusterClient, vm: str, dst: str, log: object) -> list[object]:
+async def _hop(cl: ClusterClient, *, vm: str, dst: str, log: object) -> list[object]:
     from pathlib import Path
 
     assert isinstance(log, Path)

@@ -19,7 +19,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for n, r in enumerate(cells):
-        line = "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+        line = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
         click.echo(click.style(line, bold=True) if n == 0 else line)
 
 

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from ferry.control.client import ClusterClient
+from ferry.control.nodes import node_loads
+from ferry.ha.placement import check_fits
 from ferry.model import codec
 from ferry.model.errors import Conflict, InvalidSpec, NotFound, Timeout, Unavailable
 from ferry.model.migration import (
@@ -31,7 +33,6 @@ class MigrationView:
 async def request_migration(cl: ClusterClient, vm: str, *, to: str,
                             options: MigrationOptions = MigrationOptions()) -> MigrationRecord:
     """Check (changing nothing), then queue the migration in one transaction."""
-    await cl.spec(vm)
     owner, rev = await cl.owner(vm)
     await cl.node(to)  # NotFound for a node that does not exist
     if owner.power is not Power.ON or owner.node is None:
@@ -42,6 +43,10 @@ async def request_migration(cl: ClusterClient, vm: str, *, to: str,
         raise InvalidSpec(f"VM {vm} already runs on {to}")
     if not await cl.node_up(to):
         raise Unavailable(f"node {to} is down")
+    spec = await cl.spec(vm)
+    loads = {n.name: n for n in await node_loads(cl)}
+    if to in loads:
+        check_fits(loads[to], spec.memory_mib)
     status = await cl.status(vm)
     if status is None or status.node != owner.node or status.state is not VmState.RUNNING:
         raise Conflict(f"VM {vm} is not running yet on {owner.node}")

@@ -177,6 +177,8 @@ async def start_vm(cl: ClusterClient, name: str, *, node: str | None = None) -> 
     if owner.power is Power.ON:
         where = f"on {owner.node}" if owner.node else "already"
         raise Conflict(f"VM {name} is already running {where}; stop it first")
+    if vm_state(owner, await cl.status(name)) is VmState.STOPPING:
+        raise Conflict(f"VM {name} is still stopping on {owner.node}; wait until it has stopped")
     loads = await node_loads(cl)
     if node is not None:
         by_name = {n.name: n for n in loads}

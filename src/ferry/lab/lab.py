@@ -15,7 +15,7 @@ from ferry.lab import netsetup, procs
 from ferry.lab.guest import BOOT_PARAMS, build_guest_image
 from ferry.lab.layout import LAB_ROOT, LabLayout
 from ferry.model import codec
-from ferry.model.cluster import BootImage, ClusterConfig, Volume, VmNetwork
+from ferry.model.cluster import BootImage, ClusterConfig, VmNetwork, Volume
 from ferry.model.errors import FerryError, LabError
 from ferry.store.etcd import EtcdStore
 from ferry.store.keys import Keys

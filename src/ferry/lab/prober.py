@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import socket
 import struct
@@ -134,7 +135,7 @@ def _max_gap(times: list[float], t0: float, t1: float) -> float:
     inside = [t for t in times if t0 <= t <= t1]
     after = [t for t in times if t > t1]
     seq = ([before[-1]] if before else [t0]) + inside + ([after[0]] if after else [t1])
-    return max((b - a for a, b in zip(seq, seq[1:])), default=0.0) * 1000
+    return max((b - a for a, b in itertools.pairwise(seq)), default=0.0) * 1000
 
 
 def outage(log: Path, t0: float, t1: float) -> Outage:

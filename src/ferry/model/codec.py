@@ -68,12 +68,14 @@ def from_data(tp: Any, data: Any, where: str = "value") -> Any:
             return tuple(from_data(args[0], x, f"{where}[{i}]") for i, x in enumerate(data))
         if len(args) != len(data):
             raise InvalidSpec(f"{where}: expected {len(args)} items")
-        return tuple(from_data(a, x, f"{where}[{i}]") for i, (a, x) in enumerate(zip(args, data)))
+        pairs = enumerate(zip(args, data, strict=True))
+        return tuple(from_data(a, x, f"{where}[{i}]") for i, (a, x) in pairs)
     if origin is dict:
         key_t, val_t = typing.get_args(tp)
         if not isinstance(data, dict):
             raise InvalidSpec(f"{where}: expected an object")
-        return {from_data(key_t, k, where): from_data(val_t, v, f"{where}.{k}") for k, v in data.items()}
+        return {from_data(key_t, k, where): from_data(val_t, v, f"{where}.{k}")
+                for k, v in data.items()}
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return tp(data)

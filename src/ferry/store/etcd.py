@@ -327,6 +327,9 @@ class EtcdStore:
                             f"etcd at {endpoint}: {err} (the transaction may have been applied)"
                         ) from None
                     reasons.append(f"etcd at {endpoint}: {err}")
+                    # Doing it again ends in the same state: worth another round (e.g. the
+                    # gateway's "transport is closing" when a peer dropped its connection).
+                    busy = True
                     continue
                 self._current = index
                 return result

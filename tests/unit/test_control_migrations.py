@@ -258,7 +258,7 @@ async def test_follow_ends_once_the_migration_has_settled(c: Cluster) -> None:
     rec = await request_migration(c.cl, "vm1", to="node2")
     await c.put_record(rec.advance(MigrationPhase.CONNECTING, at=1.0, node="node1")
                        .advance(MigrationPhase.FAILED, at=2.0, node="node1"))
-    views = [v async for v in follow(c.cl, rec.id, interval=0.01, timeout=5)]
+    views = [v async for v in follow(c.cl, rec.id, timeout=5)]
     assert len(views) == 1
     assert views[0].record.phase is MigrationPhase.FAILED
     assert views[0].record.settled

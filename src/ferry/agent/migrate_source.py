@@ -50,11 +50,12 @@ async def drive_source(ctx: AgentContext, mid: str) -> None:
             raise MigrationFailed(rec.phase.value, f"{rec.vm} has no QEMU on {ctx.node}")
         if rec.phase.step < P.COPYING_MEMORY.step:
             rec = await _prepare(ctx, rec, local)
+        copied: Copied | None = None
         if rec.phase is P.COPYING_MEMORY:
-            rec = await _copy_memory(ctx, rec, local)
+            copied = await _copy_memory(ctx, rec, local)
         if not rec.committed:
             await _await_commit(ctx, rec)
-        await _finish(ctx, mid, local)
+        await _finish(ctx, mid, local, copied)
     except CancelRequested:
         await _abort(ctx, mid, local, P.CANCELLED, "cancelled by request")
     except FerryError as err:
@@ -142,36 +143,23 @@ async def _await_target(ctx: AgentContext, mid: str) -> MigrationRecord:
     return rec
 
 
-async def _copy_memory(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> MigrationRecord:
-    mon = local.monitor
-    mid = rec.id
-    with mon.events("STOP") as stops:
+@dataclasses.dataclass(frozen=True)
+class Copied:
+    """What the source's QEMU said when the copy completed (gone once it quits)."""
+
+    info: MigrateInfo
+    stopped_at: float | None
+
+
+async def _copy_memory(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> Copied:
+    """Step 4. Writes nothing when it ends: the VM is paused until the target commits, and
+    a write then would wake every agent and compete for the CPU and the store."""
+    with local.monitor.events("STOP") as stops:
         info = await _follow(ctx, rec, local)
         stopped_at = None
         with contextlib.suppress(QemuError):
             stopped_at = (await stops.get(timeout=0.5)).timestamp
-    # The VM is paused until the target commits: write nothing that would wake every agent
-    # and compete for the CPU and the store in that window.
-    with contextlib.suppress(FerryError):
-        await _await_commit(ctx, rec)
-    await ctx.publish_progress(mid, _progress(info, time.time()))
-    summary = MigrationSummary(
-        total_s=0.0, qemu_total_ms=info.total_time_ms, downtime_ms=info.downtime_ms,
-        switchover_ms=None, bytes_sent=info.ram_transferred, setup_ms=info.setup_time_ms,
-        throughput_bps=info.ram_mbps * 1e6 / 8,
-    )
-    note = (f"memory copied: {info.ram_transferred / 2**20:.0f} MiB in {info.total_time_ms} ms,"
-            f" QEMU downtime {info.downtime_ms} ms")
-
-    def handed_over(r: MigrationRecord) -> MigrationRecord:
-        # The target records step 5 when its stream completes; it may have done so already.
-        r = r.note(at=time.time(), node=ctx.node, note=note)
-        if r.phase is P.COPYING_MEMORY:
-            r = r.advance(P.HANDING_OVER_DISKS, at=time.time(), node=ctx.node,
-                          note="source stopped; waiting for the target to take over")
-        return dataclasses.replace(r, stopped_at=stopped_at, summary=summary)
-
-    return await ctx.update_record(mid, handed_over)
+    return Copied(info=info, stopped_at=stopped_at)
 
 
 async def _follow(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> MigrateInfo:
@@ -240,8 +228,9 @@ async def _await_commit(ctx: AgentContext, rec: MigrationRecord) -> None:
         raise MigrationFailed(P.HANDING_OVER_DISKS.value, f"target did not take over: {why}")
 
 
-async def _finish(ctx: AgentContext, mid: str, local: LocalVm | None) -> None:
-    """After the commit: quit the paused source copy, then write the summary."""
+async def _finish(ctx: AgentContext, mid: str, local: LocalVm | None,
+                  copied: Copied | None) -> None:
+    """After the commit: quit the paused source copy, then write the summary (one write)."""
     if local is not None and ctx.runtime.vms.get(local.name) is local:
         await ctx.runtime.kill(local)
 
@@ -257,15 +246,28 @@ async def _finish(ctx: AgentContext, mid: str, local: LocalVm | None) -> None:
             return rec
         now = time.time()
         summary = rec.summary or MigrationSummary(0.0, 0, 0, None, 0, 0, 0.0)
+        stopped_at = rec.stopped_at
+        if copied is not None:
+            info = copied.info
+            stopped_at = copied.stopped_at
+            summary = MigrationSummary(
+                total_s=0.0, qemu_total_ms=info.total_time_ms, downtime_ms=info.downtime_ms,
+                switchover_ms=None, bytes_sent=info.ram_transferred,
+                setup_ms=info.setup_time_ms, throughput_bps=info.ram_mbps * 1e6 / 8)
+            rec = rec.note(at=now, node=ctx.node, note=(
+                f"memory copied: {info.ram_transferred / 2**20:.0f} MiB in"
+                f" {info.total_time_ms} ms, QEMU downtime {info.downtime_ms} ms"))
         switchover = None
-        if rec.stopped_at is not None and rec.resumed_at is not None:
-            switchover = (rec.resumed_at - rec.stopped_at) * 1000
+        if stopped_at is not None and rec.resumed_at is not None:
+            switchover = (rec.resumed_at - stopped_at) * 1000
         summary = dataclasses.replace(summary, total_s=now - rec.created_at,
                                       switchover_ms=switchover)
         rec = rec.advance(P.COMPLETED, at=now, node=ctx.node, note="source QEMU has quit")
-        return dataclasses.replace(rec, summary=summary)
+        return dataclasses.replace(rec, summary=summary, stopped_at=stopped_at)
 
     await ctx.update_record(mid, complete)
+    if copied is not None:
+        await ctx.publish_progress(mid, _progress(copied.info, time.time()))
 
 
 async def _abort(ctx: AgentContext, mid: str, local: LocalVm | None, phase: P, reason: str) -> None:
@@ -280,7 +282,7 @@ async def _abort(ctx: AgentContext, mid: str, local: LocalVm | None, phase: P, r
     ended = await ctx.end_migration(mid, phase, reason)
     if not ended:
         log.info("migration %s: the target committed first; finishing instead", mid)
-        await _finish(ctx, mid, local)
+        await _finish(ctx, mid, local, None)
         return
     if local is not None and ctx.runtime.vms.get(local.name) is local:
         with contextlib.suppress(QemuError):

@@ -143,9 +143,12 @@ async def _commit(ctx: AgentContext, mid: str, *, owner_key: str, owner_rev: int
 async def _resume(local: LocalVm) -> float | None:
     """Step 6: run the VM here (it waited paused, started with -S); the RESUME time."""
     with local.monitor.events("RESUME") as resumes:
-        if await local.monitor.run_state() == "running":
-            return None
-        await local.monitor.cont()
+        try:
+            await local.monitor.cont()
+        except QemuError:
+            if await local.monitor.run_state() == "running":
+                return None  # resumed before an agent restart
+            raise
         return (await resumes.get(timeout=10)).timestamp
 
 

@@ -76,12 +76,12 @@ async def _fresh_vm(cl: ClusterClient, name: str, memory_mib: int) -> None:
 
 
 async def _ferry_hop(cl: ClusterClient, *, to: str, log: Path, index: int,
-                     downtime_ms: int) -> Run:
+                     downtime_ms: int, bandwidth: int) -> Run:
     t0 = time.monotonic()
-    rec = await migs.request_migration(cl, FERRY_VM, to=to,
-                                       options=MigrationOptions(downtime_limit_ms=downtime_ms))
+    options = MigrationOptions(downtime_limit_ms=downtime_ms, max_bandwidth=bandwidth)
+    rec = await migs.request_migration(cl, FERRY_VM, to=to, options=options)
     final = rec
-    async for view in migs.follow(cl, rec.id, interval=0.05):
+    async for view in migs.follow(cl, rec.id):
         final = view.record
     t1 = time.monotonic()
     await asyncio.sleep(1.0)
@@ -105,12 +105,14 @@ class DirectSide:
 
 
 async def _direct_hop(state: labmod.LabState, side: DirectSide, spec_cl: ClusterClient, *,
-                      mode: str, to: str, log: Path, index: int, downtime_ms: int) -> Run:
+                      mode: str, to: str, log: Path, index: int, downtime_ms: int,
+                      bandwidth: int) -> Run:
     layout = state.layout
     spec = await spec_cl.spec(DIRECT_VM)
     hw = Hardware(accel="tcg", cpu_model=default_cpu_model("tcg"))
     if mode == "direct":
-        params = {"max-bandwidth": UNLIMITED_BANDWIDTH, "downtime-limit": downtime_ms}
+        params = {"max-bandwidth": bandwidth or UNLIMITED_BANDWIDTH,
+                  "downtime-limit": downtime_ms}
         announce: dict[str, int] | None = dict(ANNOUNCE)
     else:
         params, announce = dict(QEMU_DEFAULTS), None
@@ -131,32 +133,25 @@ async def _direct_hop(state: labmod.LabState, side: DirectSide, spec_cl: Cluster
                outage_ms=o.icmp_gap_ms, tcp_gap_ms=o.tcp_gap_ms, tcp_survived=o.tcp_survived)
 
 
-async def bench_migrate(*, runs: int, memory_mib: int, downtime_ms: int, say: Say,
-                        out: Path | None) -> list[Run]:
-    state = await asyncio.to_thread(labmod.up, LabLayout(name=labmod.lab_name(), nodes=3), say=say)
+async def bench_migrate(*, runs: int, memory_mib: int, downtime_ms: int, bandwidth: int,
+                        say: Say, out: Path | None) -> list[Run]:
+    """Ferry's runs, then the direct and QEMU-default runs (those two interleaved). Only the
+    VM being measured runs, with only its own prober: on two cores a second guest and prober
+    would take CPU from whichever migration is being measured."""
+    state = await asyncio.to_thread(labmod.up, LabLayout(name=labmod.lab_name(), nodes=3),
+                                    say=say)
     store = EtcdStore([state.endpoint])
     cl = ClusterClient(store=store, keys=Keys(state.cluster))
-    probers: list[int] = []
-    side: DirectSide | None = None
     results: list[Run] = []
     try:
-        side, logs = await _setup(state, cl, memory_mib=memory_mib, probers=probers, say=say)
-        ferry_node = "node1"
-        for i in range(runs):
-            for mode in MODES:
-                if mode == "ferry":
-                    ferry_node = _other(ferry_node)
-                    r = await _ferry_hop(cl, to=ferry_node, log=logs[0], index=i,
-                                         downtime_ms=downtime_ms)
-                else:
-                    r = await _direct_hop(state, side, cl, mode=mode, to=_other(side.node),
-                                          log=logs[1], index=i, downtime_ms=downtime_ms)
-                results.append(r)
-                say(f"run {i + 1}/{runs} {mode:<13} {r.hop}: {r.total_s:.3f} s, downtime"
-                    f" {r.downtime_ms} ms, switchover {r.switchover_ms:.0f} ms, client outage"
-                    f" {r.outage_ms:.0f} ms{'' if r.ok else ' FAILED: ' + r.error}")
+        for name in (FERRY_VM, DIRECT_VM):
+            await _fresh_vm(cl, name, memory_mib)
+        results += await _ferry_block(state, cl, runs=runs, downtime_ms=downtime_ms,
+                                      bandwidth=bandwidth, say=say)
+        results += await _direct_block(state, cl, runs=runs, downtime_ms=downtime_ms,
+                                       bandwidth=bandwidth, say=say)
     finally:
-        await _teardown(state, cl, side, probers)
+        await _remove_vms(cl)
         await store.close()
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,46 +159,76 @@ async def bench_migrate(*, runs: int, memory_mib: int, downtime_ms: int, say: Sa
     return results
 
 
-def _other(node: str) -> str:
-    return "node2" if node == "node1" else "node1"
+def _say_run(say: Say, r: Run, runs: int) -> None:
+    say(f"run {r.index + 1}/{runs} {r.mode:<13} {r.hop}: {r.total_s:.3f} s, downtime"
+        f" {r.downtime_ms} ms, switchover {r.switchover_ms:.0f} ms, client outage"
+        f" {r.outage_ms:.0f} ms{'' if r.ok else ' FAILED: ' + r.error}")
 
 
-async def _setup(state: labmod.LabState, cl: ClusterClient, *, memory_mib: int,
-                 probers: list[int], say: Say) -> tuple[DirectSide, tuple[Path, Path]]:
-    ns = state.layout.client_ns
-    for name in (FERRY_VM, DIRECT_VM):
-        await _fresh_vm(cl, name, memory_mib)
+async def _ferry_block(state: labmod.LabState, cl: ClusterClient, *, runs: int,
+                       downtime_ms: int, bandwidth: int, say: Say) -> list[Run]:
     token = await vms_ctl.start_vm(cl, FERRY_VM, node="node1")
-    ferry_view = await vms_ctl.wait_started(cl, FERRY_VM, token=token)
+    view = await vms_ctl.wait_started(cl, FERRY_VM, token=token)
+    assert view.ip is not None
+    await wait_guest(state.layout.client_ns, view.ip)
+    pid, log = await asyncio.to_thread(labmod.start_prober, state, view.ip, tag="bench")
+    say(f"{FERRY_VM} ({view.ip}) answers; prober started")
+    results = []
+    try:
+        await asyncio.sleep(1.5)
+        node = "node1"
+        for i in range(runs):
+            node = _other(node)
+            r = await _ferry_hop(cl, to=node, log=log, index=i, downtime_ms=downtime_ms,
+                                 bandwidth=bandwidth)
+            _say_run(say, r, runs)
+            results.append(r)
+    finally:
+        await asyncio.to_thread(labmod.stop_prober, state, pid)
+        await vms_ctl.stop_vm(cl, FERRY_VM, force=True)
+        await vms_ctl.wait_stopped(cl, FERRY_VM)
+    return results
+
+
+async def _direct_block(state: labmod.LabState, cl: ClusterClient, *, runs: int,
+                        downtime_ms: int, bandwidth: int, say: Say) -> list[Run]:
     spec = await cl.spec(DIRECT_VM)
+    ip = spec.nics[0].ip
+    assert ip is not None
     vm = await direct.launch(spec, ns=state.layout.node_ns("node1"),
                              hw=Hardware(accel="tcg", cpu_model=default_cpu_model("tcg")),
                              paths=RunPaths(state.layout.dir / "bench" / "node1-start"),
                              bridge="vmswitch", incoming=False)
     side = DirectSide(vm=vm, node="node1")
-    assert ferry_view.ip is not None and spec.nics[0].ip is not None
-    for ip in (ferry_view.ip, spec.nics[0].ip):
-        await wait_guest(ns, ip)
-    logs = []
-    for ip in (ferry_view.ip, spec.nics[0].ip):
+    pid = 0
+    results = []
+    try:
+        await wait_guest(state.layout.client_ns, ip)
         pid, log = await asyncio.to_thread(labmod.start_prober, state, ip, tag="bench")
-        probers.append(pid)
-        logs.append(log)
-    say(f"{FERRY_VM} ({ferry_view.ip}) and {DIRECT_VM} ({spec.nics[0].ip}) answer;"
-        " probers started")
-    await asyncio.sleep(1.5)
-    return side, (logs[0], logs[1])
-
-
-async def _teardown(state: labmod.LabState, cl: ClusterClient, side: DirectSide | None,
-                    probers: list[int]) -> None:
-    for pid in probers:
-        await asyncio.to_thread(labmod.stop_prober, state, pid)
-    if side is not None:
+        say(f"{DIRECT_VM} ({ip}) answers; prober started")
+        await asyncio.sleep(1.5)
+        for i in range(runs):
+            for mode in MODES[1:]:
+                r = await _direct_hop(state, side, cl, mode=mode, to=_other(side.node),
+                                      log=log, index=i, downtime_ms=downtime_ms,
+                                      bandwidth=bandwidth)
+                _say_run(say, r, runs)
+                results.append(r)
+    finally:
+        if pid:
+            await asyncio.to_thread(labmod.stop_prober, state, pid)
         try:
-            await direct.stop(side.vm, await cl.spec(DIRECT_VM))
+            await direct.stop(side.vm, spec)
         except FerryError:
             side.vm.proc.kill()
+    return results
+
+
+def _other(node: str) -> str:
+    return "node2" if node == "node1" else "node1"
+
+
+async def _remove_vms(cl: ClusterClient) -> None:
     for name in (FERRY_VM, DIRECT_VM):
         try:
             view = await vms_ctl.show_vm(cl, name)

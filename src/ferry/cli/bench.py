@@ -21,9 +21,12 @@ def bench() -> None:
 @click.option("--memory", default="256M", show_default=True)
 @click.option("--downtime-ms", default=50, show_default=True, type=int,
               help="Downtime limit for Ferry and the direct run.")
+@click.option("--bandwidth", default=None,
+              help="max-bandwidth for Ferry and the direct run, e.g. 1G (default: no limit).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Also write every run as JSON here.")
-def bench_migrate_cmd(runs: int, memory: str, downtime_ms: int, out: Path | None) -> None:
+def bench_migrate_cmd(runs: int, memory: str, downtime_ms: int, bandwidth: str | None,
+                      out: Path | None) -> None:
     """Ferry's live migration vs. the same migration driven directly on two QEMUs."""
     from ferry.bench.migrate import bench_migrate, summarize
     from ferry.model.vm import parse_size
@@ -31,6 +34,7 @@ def bench_migrate_cmd(runs: int, memory: str, downtime_ms: int, out: Path | None
     out = out or Path("artifacts") / f"bench-migrate-{time.strftime('%Y%m%d-%H%M%S')}.json"
     results = asyncio.run(bench_migrate(
         runs=runs, memory_mib=parse_size(memory) // 2**20, downtime_ms=downtime_ms,
+        bandwidth=parse_size(bandwidth) if bandwidth else 0,
         say=lambda m: click.echo(f"  {m}"), out=out))
     rows = summarize(results)
     click.echo(f"\nmedians over {runs} runs, {memory} idle guest, TCG:")

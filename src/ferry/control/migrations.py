@@ -20,7 +20,7 @@ from ferry.model.migration import (
     MigrationRecord,
 )
 from ferry.model.vm import Power, VmState
-from ferry.store.base import Compare, Put
+from ferry.store.base import Compare, EventType, Put, WatchEvent
 
 
 @dataclass(frozen=True)
@@ -105,23 +105,67 @@ async def list_migrations(cl: ClusterClient) -> list[MigrationRecord]:
     return sorted(recs.values(), key=lambda r: r.created_at)
 
 
-async def follow(cl: ClusterClient, mid: str, *, interval: float = 0.1,
-                 timeout: float = 3600, settle_s: float = 15) -> AsyncIterator[MigrationView]:
-    """Views of the migration as it changes, until it has settled (or ``settle_s`` after it
-    ended, if the target never confirms its clean-up)."""
+async def follow(cl: ClusterClient, mid: str, *, timeout: float = 3600,
+                 settle_s: float = 15) -> AsyncIterator[MigrationView]:
+    """Views of the migration as it changes (from a watch on its keys), until it has settled,
+    or ``settle_s`` after it ended if the target never confirms its clean-up."""
     deadline = time.monotonic() + timeout
-    ended_at: float | None = None
-    last: tuple[object, ...] | None = None
+    entries, revision = await cl.store.get_prefix(cl.keys.migration_prefix(mid))
+    if not any(e.key == cl.keys.migration_record(mid) for e in entries):
+        raise NotFound(f"migration {mid!r} does not exist")
+    view = _view_of({e.key: e.value for e in entries}, cl, mid)
+    yield view
+    if view.record.settled:
+        return
+    values = {e.key: e.value for e in entries}
+    stream = cl.store.watch(cl.keys.migration_prefix(mid), start_revision=revision + 1)
+    try:
+        async for v in _follow_stream(cl, mid, stream, values, view, deadline=deadline,
+                                      settle_s=settle_s):
+            yield v
+    finally:
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _follow_stream(cl: ClusterClient, mid: str, stream: AsyncIterator[list[WatchEvent]],
+                         values: dict[str, str], view: MigrationView, *, deadline: float,
+                         settle_s: float) -> AsyncIterator[MigrationView]:
+    ended_at = time.monotonic() if view.record.phase.terminal else None
     while time.monotonic() < deadline:
-        view = await show_migration(cl, mid)
-        key = (view.record, view.progress, view.cancel_requested)
-        if key != last:
-            last = key
-            yield view
-        rec = view.record
-        if rec.phase.terminal and ended_at is None:
-            ended_at = time.monotonic()
-        if rec.settled or (ended_at is not None and time.monotonic() - ended_at > settle_s):
+        wait = deadline - time.monotonic()
+        if ended_at is not None:
+            wait = min(wait, settle_s - (time.monotonic() - ended_at))
+        if wait <= 0:
             return
-        await asyncio.sleep(interval)
-    raise Timeout(f"migration {mid} did not finish within {timeout:.0f}s")
+        try:
+            batch = await asyncio.wait_for(anext(stream), wait)
+        except TimeoutError:
+            continue
+        except StopAsyncIteration:
+            return
+        for ev in batch:
+            if ev.type is EventType.DELETE:
+                values.pop(ev.key, None)
+            else:
+                values[ev.key] = ev.value
+        view = _view_of(values, cl, mid)
+        yield view
+        if view.record.phase.terminal and ended_at is None:
+            ended_at = time.monotonic()
+        if view.record.settled:
+            return
+    raise Timeout(f"migration {mid} did not finish in time")
+
+
+def _view_of(values: dict[str, str], cl: ClusterClient, mid: str) -> MigrationView:
+    raw = values.get(cl.keys.migration_record(mid))
+    if raw is None:
+        raise NotFound(f"migration {mid!r} was deleted")
+    progress = values.get(cl.keys.migration_progress(mid))
+    return MigrationView(
+        record=codec.decode(MigrationRecord, raw),
+        progress=codec.decode(MigrationProgress, progress) if progress else None,
+        cancel_requested=cl.keys.migration_cancel(mid) in values,
+    )

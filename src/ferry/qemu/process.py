@@ -91,6 +91,11 @@ def adopt(paths: RunPaths) -> QemuProcess | None:
     return proc
 
 
+def _normal_priority() -> None:
+    # The agent may run at a raised priority; its guests must not inherit it.
+    os.setpriority(os.PRIO_PROCESS, 0, 0)
+
+
 async def spawn(argv: list[str], *, paths: RunPaths, timeout: float = 30.0) -> QemuProcess:
     """Start QEMU daemonized; return once it is set up. QemuError with QEMU's message."""
     paths.dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +106,7 @@ async def spawn(argv: list[str], *, paths: RunPaths, timeout: float = 30.0) -> Q
         proc = await asyncio.create_subprocess_exec(
             *argv, "-daemonize",
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_normal_priority,
         )
         try:
             _, err = await asyncio.wait_for(proc.communicate(), timeout)

@@ -127,3 +127,34 @@ async def test_killing_the_target_qemu_fails_the_migration_cleanly(
     assert (await vm.get("/cgi-bin/status"))["boot_id"] == boot
     show = await asyncio.to_thread(ferry, "migration", "show", mid)
     assert "failed" in show.out and "error:" in show.out
+
+
+async def test_source_agent_killed_mid_copy_and_restarted_finishes_the_migration(
+        lab: labmod.LabState, cl: ClusterClient, make_vm: Any) -> None:
+    vm = await make_vm("mig-restart", node="node2")
+    boot = (await vm.get("/cgi-bin/status"))["boot_id"]
+    res = await asyncio.to_thread(ferry, "vm", "migrate", vm.name, "--to", "node1",
+                                  "--bandwidth", "20M", "--no-wait")
+    assert res.code == 0, res.err
+    mid = res.out.split()[1].rstrip(":")
+
+    async def copying() -> bool:
+        v = await migs.show_migration(cl, mid)
+        return v.record.phase is P.COPYING_MEMORY and v.progress is not None \
+            and v.progress.percent > 5
+    await eventually(copying, timeout=60, what="the memory copy to be under way")
+    state = labmod.load_state(lab.name)
+    assert state is not None
+    os.kill(state.agent_pids["node2"], signal.SIGKILL)  # QEMU goes on copying without it
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(labmod.up, lab.layout, say=lambda m: None)
+
+    async def ended() -> Any:
+        rec, _ = await cl.migration(mid)
+        return rec if rec.phase.terminal else None
+    rec = await eventually(ended, timeout=60, what="the migration to end")
+    assert rec.phase is P.COMPLETED, rec.error
+    view = await vms_ctl.show_vm(cl, vm.name)
+    assert (view.node, view.state) == ("node1", VmState.RUNNING)
+    assert all_qemu_pids(lab, vm.name) == {"node1": [view.pid], "node2": [], "node3": []}
+    assert (await vm.get("/cgi-bin/status"))["boot_id"] == boot

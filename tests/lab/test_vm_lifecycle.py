@@ -118,3 +118,13 @@ def test_lab_up_is_idempotent(lab: labmod.LabState) -> None:
     assert after.agent_pids == before.agent_pids and after.etcd_pid == before.etcd_pid
     res = ferry("lab", "status")
     assert res.code == 0 and "NOT RUNNING" not in res.out, res.out
+
+
+def test_lab_exec_runs_in_the_node_namespace(lab: labmod.LabState) -> None:
+    res = ferry("lab", "exec", "node2", "--", "ip", "-o", "-4", "addr", "show", "dev", "cl0")
+    assert res.code == 0, res.err
+    assert lab.layout.cluster.node_address(2) in res.out
+    res = ferry("lab", "exec", "client", "--", "ip", "-o", "link", "show", "vmswitch")
+    assert res.code != 0  # the client has no switch: it is really another namespace
+    bad = ferry("lab", "exec", "node7", "--", "true")
+    _one_line_error(bad, "node7")

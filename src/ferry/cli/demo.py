@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from pathlib import Path
 
 import click
 
@@ -72,10 +73,7 @@ async def run_demo(*, vm_name: str, memory: str) -> None:
     await _closing(ns, ip, status, rows)
 
 
-async def _hop(cl: ClusterClient, *, vm: str, dst: str, log: object) -> list[object]:
-    from pathlib import Path
-
-    assert isinstance(log, Path)
+async def _hop(cl: ClusterClient, *, vm: str, dst: str, log: Path) -> list[object]:
     t0 = time.monotonic()
     rec = await migs.request_migration(cl, vm, to=dst)
     final = await watch(cl, rec.id)

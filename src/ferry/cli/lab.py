@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import click
 
-from ferry.cli.output import table
+from ferry.cli.output import emit_json, table
 from ferry.lab import lab as labmod
 from ferry.lab.guest import build_guest_image
 from ferry.lab.layout import LabLayout
@@ -53,10 +53,14 @@ def lab_down() -> None:
 
 
 @lab.command("status")
-def lab_status() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def lab_status(as_json: bool) -> None:
     """Processes and namespaces of the lab."""
     state = _state()
     etcd_ok, nodes = labmod.health(state)
+    if as_json:
+        emit_json({"lab": state, "etcd_running": etcd_ok, "nodes": nodes})
+        return
     click.echo(f"lab {state.name}: etcd {state.endpoint} "
                f"{'running' if etcd_ok else 'NOT RUNNING'} (pid {state.etcd_pid})")
     table(["NODE", "NAMESPACE", "AGENT PID", "AGENT", "QEMUS"],

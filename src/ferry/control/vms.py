@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import secrets
 import time
 from dataclasses import dataclass, replace
@@ -162,8 +163,6 @@ def _new_spec(name: str, *, uid: str, memory_mib: int, vcpus: int, volume: Volum
 
 
 def _check_boot(spec: VmSpec) -> None:
-    import os
-
     if spec.boot is not None:
         for f in (spec.boot.kernel, spec.boot.initrd):
             if not os.access(f, os.R_OK):

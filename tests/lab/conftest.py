@@ -105,12 +105,7 @@ async def make_vm(lab: labmod.LabState, cl: ClusterClient) -> AsyncIterator[
     yield make
     for name in made:
         try:
-            await vms_ctl.stop_vm(cl, name, force=True)
-        except FerryError:
-            pass
-        try:
-            await vms_ctl.wait_stopped(cl, name, timeout=60)
-            await vms_ctl.delete_vm(cl, name)
+            await vms_ctl.destroy_vm(cl, name)
         except FerryError as err:
             print(f"cleanup of {name}: {err}")
 

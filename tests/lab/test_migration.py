@@ -25,6 +25,21 @@ SEVEN_STEPS = [P.CONNECTING, P.SENDING_CONFIG, P.CREATING_TARGET, P.COPYING_MEMO
                P.HANDING_OVER_DISKS, P.BRINGING_ONLINE, P.ANNOUNCING, P.COMPLETED]
 
 
+async def _copy_under_way(cl: ClusterClient, mid: str) -> None:
+    async def copying() -> bool:
+        v = await migs.show_migration(cl, mid)
+        return v.record.phase is P.COPYING_MEMORY and v.progress is not None \
+            and v.progress.percent > 5
+    await eventually(copying, timeout=60, what="the memory copy to be under way")
+
+
+async def _migration_end(cl: ClusterClient, mid: str) -> Any:
+    async def ended() -> Any:
+        rec, _ = await cl.migration(mid)
+        return rec if rec.phase.terminal else None
+    return await eventually(ended, timeout=60, what="the migration to end")
+
+
 async def _latest_migration(cl: ClusterClient, vm: str) -> Any:
     recs = [r for r in await migs.list_migrations(cl) if r.vm == vm]
     return recs[-1] if recs else None
@@ -78,11 +93,7 @@ async def test_cancel_during_memory_copy_leaves_the_vm_on_its_source(
     assert res.code == 0, res.err
     mid = res.out.split()[1].rstrip(":")
 
-    async def copying() -> bool:
-        v = await migs.show_migration(cl, mid)
-        return v.record.phase is P.COPYING_MEMORY and v.progress is not None \
-            and v.progress.percent > 5
-    await eventually(copying, timeout=60, what="the memory copy to be under way")
+    await _copy_under_way(cl, mid)
     assert qemu_pids(lab, "node2", vm.name), "the target QEMU should exist while copying"
 
     res = await asyncio.to_thread(ferry, "migration", "cancel", mid)
@@ -115,10 +126,7 @@ async def test_killing_the_target_qemu_fails_the_migration_cleanly(
     (target,) = await eventually(target_copying, timeout=60, what="the copy to node3")
     os.kill(target, signal.SIGKILL)
 
-    async def ended() -> Any:
-        rec, _ = await cl.migration(mid)
-        return rec if rec.phase.terminal else None
-    rec = await eventually(ended, timeout=30, what="the migration to end")
+    rec = await _migration_end(cl, mid)
     assert rec.phase is P.FAILED
     assert rec.error, "a failed migration must say why"
     view = await vms_ctl.show_vm(cl, vm.name)
@@ -138,21 +146,14 @@ async def test_source_agent_killed_mid_copy_and_restarted_finishes_the_migration
     assert res.code == 0, res.err
     mid = res.out.split()[1].rstrip(":")
 
-    async def copying() -> bool:
-        v = await migs.show_migration(cl, mid)
-        return v.record.phase is P.COPYING_MEMORY and v.progress is not None \
-            and v.progress.percent > 5
-    await eventually(copying, timeout=60, what="the memory copy to be under way")
+    await _copy_under_way(cl, mid)
     state = labmod.load_state(lab.name)
     assert state is not None
     os.kill(state.agent_pids["node2"], signal.SIGKILL)  # QEMU goes on copying without it
     await asyncio.sleep(1.0)
     await asyncio.to_thread(labmod.up, lab.layout, say=lambda m: None)
 
-    async def ended() -> Any:
-        rec, _ = await cl.migration(mid)
-        return rec if rec.phase.terminal else None
-    rec = await eventually(ended, timeout=60, what="the migration to end")
+    rec = await _migration_end(cl, mid)
     assert rec.phase is P.COMPLETED, rec.error
     view = await vms_ctl.show_vm(cl, vm.name)
     assert (view.node, view.state) == ("node1", VmState.RUNNING)

@@ -33,7 +33,6 @@ from ferry.lab.layout import LabLayout
 from ferry.lab.prober import outage
 from ferry.model.errors import FerryError, NotFound
 from ferry.model.migration import MigrationOptions, MigrationPhase
-from ferry.model.vm import VmState
 from ferry.qemu.argv import Hardware, RunPaths
 from ferry.store.etcd import EtcdStore
 from ferry.store.keys import Keys
@@ -65,11 +64,7 @@ class Run:
 
 async def _fresh_vm(cl: ClusterClient, name: str, memory_mib: int) -> None:
     try:
-        view = await vms_ctl.show_vm(cl, name)
-        if view.state is not VmState.STOPPED:
-            await vms_ctl.stop_vm(cl, name, force=True)
-            await vms_ctl.wait_stopped(cl, name)
-        await vms_ctl.delete_vm(cl, name)
+        await vms_ctl.destroy_vm(cl, name)
     except NotFound:
         pass
     await vms_ctl.create_vm(cl, name, memory_mib=memory_mib)
@@ -231,11 +226,7 @@ def _other(node: str) -> str:
 async def _remove_vms(cl: ClusterClient) -> None:
     for name in (FERRY_VM, DIRECT_VM):
         try:
-            view = await vms_ctl.show_vm(cl, name)
-            if view.state is not VmState.STOPPED:
-                await vms_ctl.stop_vm(cl, name, force=True)
-                await vms_ctl.wait_stopped(cl, name)
-            await vms_ctl.delete_vm(cl, name)
+            await vms_ctl.destroy_vm(cl, name)
         except FerryError:
             pass
 

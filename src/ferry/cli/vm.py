@@ -104,9 +104,11 @@ def vm_stop(name: str, force: bool, no_wait: bool) -> None:
 
 @vm.command("delete")
 @click.argument("name")
-def vm_delete(name: str) -> None:
+@click.option("--force", is_flag=True, help="Stop it at once first if it runs.")
+def vm_delete(name: str, force: bool) -> None:
     """Delete a stopped VM and its files."""
-    asyncio.run(with_cluster(lambda cl: vms_ctl.delete_vm(cl, name)))
+    op = vms_ctl.destroy_vm if force else vms_ctl.delete_vm
+    asyncio.run(with_cluster(lambda cl: op(cl, name)))
     click.echo(f"deleted {name}")
 
 

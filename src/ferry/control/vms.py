@@ -260,5 +260,15 @@ async def delete_vm(cl: ClusterClient, name: str) -> None:
         pass
 
 
+async def destroy_vm(cl: ClusterClient, name: str) -> None:
+    """Stop a VM at once if it runs, then delete it (``ferry vm delete --force``)."""
+    owner, _ = await cl.owner(name)
+    if vm_state(owner, await cl.status(name)) is not VmState.STOPPED:
+        if owner.migration is None and owner.power is Power.ON:
+            await stop_vm(cl, name, force=True)
+        await wait_stopped(cl, name)
+    await delete_vm(cl, name)
+
+
 def save_config(volume: Volume, spec: VmSpec) -> None:
     write_config(volume, spec.name, codec.encode(spec))

@@ -17,6 +17,7 @@ from ferry.lab import lab as labmod
 from ferry.lab.prober import outage
 from ferry.model.migration import MigrationPhase as P
 from ferry.model.vm import VmState
+from ferry.qemu.argv import console_log
 from tests.lab.conftest import all_qemu_pids, eventually, ferry, qemu_pids
 
 pytestmark = pytest.mark.lab
@@ -49,6 +50,8 @@ async def test_live_migration_keeps_the_guest_and_its_client(
         lab: labmod.LabState, cl: ClusterClient, make_vm: Any, prober: Any) -> None:
     vm = await make_vm("mig-live", node="node1")
     await vm.get("/cgi-bin/diskwriter?op=start&rate=50&tag=live")
+    # A guest that writes memory while it moves: a lost write crashes its kernel.
+    await vm.get("/cgi-bin/memdirty?op=start&mib=32&rate=50")
     log = prober(vm.ip)
     await asyncio.sleep(1.5)
     before = await vm.get("/cgi-bin/status")
@@ -59,15 +62,22 @@ async def test_live_migration_keeps_the_guest_and_its_client(
     assert res.code == 0, res.err
     assert f"{vm.name}: node1 -> node2 in" in res.out
     await asyncio.sleep(1.0)
+    res = await asyncio.to_thread(ferry, "vm", "migrate", vm.name, "--to", "node3")
+    assert res.code == 0, res.err
+    await asyncio.sleep(1.0)
 
     view = await vms_ctl.show_vm(cl, vm.name)
-    assert (view.node, view.state) == ("node2", VmState.RUNNING)
-    assert all_qemu_pids(lab, vm.name) == {"node1": [], "node2": [view.pid], "node3": []}
+    assert (view.node, view.state) == ("node3", VmState.RUNNING)
+    assert all_qemu_pids(lab, vm.name) == {"node1": [], "node2": [], "node3": [view.pid]}
     after = await vm.get("/cgi-bin/status")
     assert after["boot_id"] == before["boot_id"], "the guest rebooted"
     assert after["uptime"] > before["uptime"]
+    assert after["memdirty"]["running"]
+    assert after["memdirty"]["passes"] > before["memdirty"]["passes"]
     assert after["diskwriter"]["running"]
     assert after["diskwriter"]["last_seq"] > before["diskwriter"]["last_seq"]
+    console = console_log(await cl.spec(vm.name)).read_text()
+    assert "Kernel panic" not in console and "BUG" not in console, console[-2000:]
     verify = await vm.get("/cgi-bin/verify")
     assert verify["continuous"] and verify["bad_crc"] == 0, verify
 

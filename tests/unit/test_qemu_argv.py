@@ -145,12 +145,14 @@ def test_memory_cpus_name_uuid() -> None:
     assert vm_uuid("0123456789ab") == "fe77e000-0000-4000-8000-0123456789ab"
 
 
-def test_monitors_console_and_pidfile_live_in_the_run_directory() -> None:
+def test_monitors_and_pidfile_live_in_the_run_directory_the_console_on_the_volume() -> None:
     args = argv()
     chardevs = values(args, "-chardev")
     assert f"socket,id=qmp,path={PATHS.qmp},server=on,wait=off" in chardevs
     assert f"socket,id=qmpaux,path={PATHS.qmp_aux},server=on,wait=off" in chardevs
-    assert f"file,id=console,path={PATHS.console},append=on" in chardevs
+    console = [c for c in chardevs if c.startswith("file,id=console,")]
+    assert len(console) == 1 and console[0].endswith("/console.log,append=on")
+    assert not console[0].startswith(f"file,id=console,path={PATHS.dir}")
     assert values(args, "-mon") == ["chardev=qmp,mode=control", "chardev=qmpaux,mode=control"]
     assert values(args, "-pidfile") == [str(PATHS.pidfile)]
     assert "-nodefaults" in args
@@ -160,7 +162,7 @@ def test_monitors_console_and_pidfile_live_in_the_run_directory() -> None:
 def test_run_paths() -> None:
     d = Path("/run/x")
     p = RunPaths(d)
-    files = [p.qmp, p.qmp_aux, p.pidfile, p.console, p.log, p.meta]
+    files = [p.qmp, p.qmp_aux, p.pidfile, p.log, p.meta]
     assert all(f.parent == d for f in files)
     assert len(set(files)) == len(files)
     assert p.qmp.name == "qmp.sock"

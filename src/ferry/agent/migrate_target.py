@@ -163,7 +163,7 @@ async def _online(ctx: AgentContext, mid: str, local: LocalVm | None, *, token: 
         log.error("migration %s: committed but the target QEMU is gone", mid)
         return  # the owner record says run here: the loop starts the VM afresh
     resumed_at = await _resume(local)
-    await local.monitor.announce(initial_ms=0, rounds=3, step_ms=20)
+    # QEMU announces by itself at completion (ANNOUNCE parameters above).
 
     def steps_5_to_7(rec: MigrationRecord) -> MigrationRecord:
         if rec.phase.step >= P.ANNOUNCING.step:

@@ -21,6 +21,7 @@ from ferry.model.errors import FerryError, QemuError
 from ferry.model.vm import VmSpec
 from ferry.network.tap import delete_tap, ensure_tap
 from ferry.qemu.argv import Hardware, RunPaths, build_argv
+from ferry.qemu.machines import resolve_machine
 from ferry.qemu.monitor import Monitor
 from ferry.qemu.process import QemuProcess, adopt, cleanup, spawn
 
@@ -105,6 +106,9 @@ class Runtime:
         if spec.name in self.vms:
             raise QemuError(f"VM {spec.name} already has a QEMU on this node")
         paths = self.paths(spec.name)
+        if role is Role.PRIMARY:  # a migration target gets the source's concrete type
+            machine = await asyncio.to_thread(resolve_machine, self.qemu_binary, spec.machine)
+            spec = replace(spec, machine=machine)
         meta = LocalMeta(vm=spec.name, spec=spec, role=role, token=token, accel=hw.accel,
                          cpu_model=hw.cpu_model, migration=migration, started_at=time.time())
         for i, nic in enumerate(spec.nics):

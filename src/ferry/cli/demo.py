@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -102,6 +104,9 @@ async def _closing(ns: str, ip: str, before: dict[str, object], rows: list[list[
                f" disk records 1..{verify['last']}, continuous:"
                f" {'yes' if verify['continuous'] else 'NO'}")
     _step("look around")
+    here = Path(sys.executable).parent
+    if shutil.which("ferry") != str(here / "ferry"):
+        click.echo(f"  (ferry is {here / 'ferry'}: export PATH={here}:$PATH)")
     click.echo("  ferry vm list            ferry vm show demo --json")
     click.echo("  ferry migration list     ferry migration show <ID>")
     click.echo("  ferry node list          ferry lab status")

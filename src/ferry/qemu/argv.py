@@ -40,9 +40,6 @@ class RunPaths:
     def pidfile(self) -> Path:
         return self.dir / "qemu.pid"
 
-    @property
-    def console(self) -> Path:
-        return self.dir / "console.log"
 
     @property
     def log(self) -> Path:
@@ -51,6 +48,12 @@ class RunPaths:
     @property
     def meta(self) -> Path:
         return self.dir / "meta.json"
+
+
+def console_log(spec: VmSpec) -> Path:
+    """The serial console's log, next to the VM's configuration on its shared volume: one
+    file for the VM's whole life, whichever node runs it (only the running copy writes)."""
+    return Path(spec.config_path).parent / "console.log"
 
 
 def vm_uuid(uid: str) -> str:
@@ -82,7 +85,7 @@ def build_argv(
         "-mon", "chardev=qmp,mode=control",
         "-chardev", f"socket,id=qmpaux,path={paths.qmp_aux},server=on,wait=off",
         "-mon", "chardev=qmpaux,mode=control",
-        "-chardev", f"file,id=console,path={paths.console},append=on",
+        "-chardev", f"file,id=console,path={console_log(spec)},append=on",
         "-serial", "chardev:console",
         "-pidfile", str(paths.pidfile),
     ]

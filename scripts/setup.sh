@@ -11,7 +11,7 @@ fi
 
 PACKAGES=(
   etcd-server etcd-client busybox-static iproute2 iputils-ping
-  python3 python3-venv python3-dev gcc libc6-dev make ca-certificates procps psmisc
+  python3 python3-venv python3-dev gcc libc6-dev make ca-certificates procps psmisc cpio openssl
 )
 # QEMU from bookworm-backports (10.x): Debian 12's QEMU 7.2 loses guest memory writes when
 # it live-migrates a TCG guest that is writing memory (the guest kernel crashes after the

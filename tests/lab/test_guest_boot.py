@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,11 +27,7 @@ import pytest
 from ferry.lab.diskrecords import check_records, read_records
 from ferry.lab.guest import GuestImage, build_guest_image, guest_cmdline
 
-pytestmark = [
-    pytest.mark.lab,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, taps)"),
-    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no QEMU"),
-]
+pytestmark = pytest.mark.lab
 
 GUEST_IP = "10.79.0.10"
 HOST_IP = "10.79.0.1"

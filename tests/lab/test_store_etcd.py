@@ -30,10 +30,7 @@ from ferry.store.base import ClusterStore, Compare, EventType, Put, WatchEvent
 from ferry.store.etcd import EtcdStore, TlsConfig
 from tests.store_contract import StoreContract, collect, eventually
 
-pytestmark = [
-    pytest.mark.lab,
-    pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd is not installed"),
-]
+pytestmark = pytest.mark.lab
 
 PR_SET_PDEATHSIG = 1
 
@@ -342,7 +339,6 @@ async def test_lease_expiry_deletes_are_watch_events(h: EtcdHarness) -> None:
         await h.store.keepalive(lease)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 async def test_tls_with_client_certificate() -> None:
     with running_etcd(tls=True) as cluster:
         assert cluster.tls is not None and cluster.urls[0].startswith("https://")

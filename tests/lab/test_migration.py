@@ -26,6 +26,15 @@ SEVEN_STEPS = [P.CONNECTING, P.SENDING_CONFIG, P.CREATING_TARGET, P.COPYING_MEMO
                P.HANDING_OVER_DISKS, P.BRINGING_ONLINE, P.ANNOUNCING, P.COMPLETED]
 
 
+async def _slow_migration(vm: str, to: str) -> str:
+    """Request a migration capped at 20 MiB/s (seconds long: time to act in the middle of
+    the copy) and return its id."""
+    res = await asyncio.to_thread(ferry, "vm", "migrate", vm, "--to", to,
+                                  "--bandwidth", "20M", "--no-wait")
+    assert res.code == 0, res.err
+    return res.out.split()[1].rstrip(":")
+
+
 async def _copy_under_way(cl: ClusterClient, mid: str) -> None:
     async def copying() -> bool:
         v = await migs.show_migration(cl, mid)
@@ -97,11 +106,7 @@ async def test_cancel_during_memory_copy_leaves_the_vm_on_its_source(
     vm = await make_vm("mig-cancel", node="node1")
     pid_before = qemu_pids(lab, "node1", vm.name)
     boot = (await vm.get("/cgi-bin/status"))["boot_id"]
-    # 20 MiB/s: the copy takes seconds, long enough to cancel in the middle of it.
-    res = await asyncio.to_thread(ferry, "vm", "migrate", vm.name, "--to", "node2",
-                                  "--bandwidth", "20M", "--no-wait")
-    assert res.code == 0, res.err
-    mid = res.out.split()[1].rstrip(":")
+    mid = await _slow_migration(vm.name, "node2")
 
     await _copy_under_way(cl, mid)
     assert qemu_pids(lab, "node2", vm.name), "the target QEMU should exist while copying"
@@ -123,10 +128,7 @@ async def test_killing_the_target_qemu_fails_the_migration_cleanly(
         lab: labmod.LabState, cl: ClusterClient, make_vm: Any) -> None:
     vm = await make_vm("mig-kill", node="node1")
     boot = (await vm.get("/cgi-bin/status"))["boot_id"]
-    res = await asyncio.to_thread(ferry, "vm", "migrate", vm.name, "--to", "node3",
-                                  "--bandwidth", "20M", "--no-wait")
-    assert res.code == 0, res.err
-    mid = res.out.split()[1].rstrip(":")
+    mid = await _slow_migration(vm.name, "node3")
 
     async def target_copying() -> list[int]:
         v = await migs.show_migration(cl, mid)
@@ -151,10 +153,7 @@ async def test_source_agent_killed_mid_copy_and_restarted_finishes_the_migration
         lab: labmod.LabState, cl: ClusterClient, make_vm: Any) -> None:
     vm = await make_vm("mig-restart", node="node2")
     boot = (await vm.get("/cgi-bin/status"))["boot_id"]
-    res = await asyncio.to_thread(ferry, "vm", "migrate", vm.name, "--to", "node1",
-                                  "--bandwidth", "20M", "--no-wait")
-    assert res.code == 0, res.err
-    mid = res.out.split()[1].rstrip(":")
+    mid = await _slow_migration(vm.name, "node1")
 
     await _copy_under_way(cl, mid)
     state = labmod.load_state(lab.name)

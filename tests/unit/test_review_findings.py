@@ -14,17 +14,7 @@ from ferry.control.vms import start_vm, stop_vm
 from ferry.model.errors import Conflict, InvalidSpec
 from ferry.model.vm import DiskSpec, Owner, Power, VmSpec
 from tests.unit.control_harness import make_cluster, running_vm
-
-MINIMAL = """
-[node]
-name = "node1"
-
-[store]
-endpoints = ["http://10.77.0.1:2379"]
-
-[network]
-cluster_address = "10.77.0.11"
-"""
+from tests.unit.test_agent_config import MINIMAL
 
 
 def doc(extra: str = "") -> dict[str, Any]:

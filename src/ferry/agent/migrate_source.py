@@ -169,14 +169,7 @@ async def _follow(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> Mi
         info = await local.monitor.query_migrate()
         now = time.time()
         if info.outgoing == "completed":
-            # QEMU marks the migration completed a moment before it computes its total time
-            # and downtime: wait for them.
-            for _ in range(100):
-                if info.total_time_ms > 0:
-                    break
-                await asyncio.sleep(0.01)
-                info = await local.monitor.query_migrate()
-            return info
+            return await local.monitor.completed_migrate_info()
         if info.outgoing not in OUTGOING_ACTIVE:
             raise MigrationFailed(P.COPYING_MEMORY.value,
                                   info.error or f"QEMU reports the migration {info.outgoing}")

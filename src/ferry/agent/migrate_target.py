@@ -89,22 +89,12 @@ async def _create(ctx: AgentContext, rec: MigrationRecord) -> LocalVm:
     await mon.set_capabilities({"events": True})
     await mon.set_parameters(ANNOUNCE)
     await mon.migrate_incoming(f"tcp:{address}:0")
-    port = await _listening_port(local)
+    port = await mon.incoming_port()
     uri = f"tcp:{address}:{port}"
     await ctx.update_record(rec.id, lambda r: dataclasses.replace(r.note(
         at=time.time(), node=ctx.node, note=f"target QEMU pid {local.proc.pid} listens at {uri}"),
         target_uri=uri))
     return local
-
-
-async def _listening_port(local: LocalVm) -> int:
-    raw = await local.monitor.execute("query-migrate")
-    addrs = raw.get("socket-address") if isinstance(raw, dict) else None
-    if isinstance(addrs, list):
-        for a in addrs:
-            if isinstance(a, dict) and str(a.get("port", "")).isdigit():
-                return int(a["port"])
-    raise TargetGaveUp(f"QEMU did not report its incoming port: {raw!r}")
 
 
 async def _receive(ctx: AgentContext, mid: str, local: LocalVm) -> float | None:

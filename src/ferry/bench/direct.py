@@ -6,12 +6,10 @@ The timed span matches Ferry's: from creating the target QEMU to the source QEMU
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ferry.model.errors import QemuError
 from ferry.model.vm import VmSpec
 from ferry.qemu.argv import Hardware, RunPaths, build_argv
 from ferry.qemu.monitor import Monitor
@@ -84,30 +82,16 @@ async def migrate(src: DirectVm, spec: VmSpec, *, dst_ns: str, dst_address: str,
     with dst.monitor.events("MIGRATION", "RESUME") as dst_events, \
             src.monitor.events("STOP") as src_events:
         await dst.monitor.migrate_incoming(f"tcp:{dst_address}:0")
-        port = await _port(dst.monitor)
+        port = await dst.monitor.incoming_port()
         await src.monitor.migrate(f"tcp:{dst_address}:{port}")
         await dst_events.wait_for("MIGRATION", statuses=("completed", "failed"), timeout=600)
         await dst.monitor.cont()
         resumed = await dst_events.wait_for("RESUME", timeout=10)
         stopped = await src_events.wait_for("STOP", timeout=10)
-    info = await src.monitor.query_migrate()
-    for _ in range(100):
-        if info.total_time_ms > 0:
-            break
-        await asyncio.sleep(0.01)
-        info = await src.monitor.query_migrate()
+    info = await src.monitor.completed_migrate_info()
     await stop(src, spec)
     total = time.monotonic() - t0
     return dst, DirectResult(total_s=total, qemu_total_ms=info.total_time_ms,
                              downtime_ms=info.downtime_ms,
                              switchover_ms=(resumed.timestamp - stopped.timestamp) * 1000,
                              bytes_sent=info.ram_transferred)
-
-
-async def _port(monitor: Monitor) -> int:
-    raw = await monitor.execute("query-migrate")
-    if isinstance(raw, dict):
-        for a in raw.get("socket-address", []):
-            if isinstance(a, dict) and str(a.get("port", "")).isdigit():
-                return int(a["port"])
-    raise QemuError(f"no incoming port in {raw!r}")

@@ -16,7 +16,6 @@ import asyncio
 import json
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from ferry.control import vms as vms_ctl
 from ferry.control.client import ClusterClient
 from ferry.lab import lab as labmod
 from ferry.lab.guestctl import wait_guest
+from ferry.lab.lab import Say
 from ferry.lab.layout import LabLayout
 from ferry.lab.prober import outage
 from ferry.model.errors import FerryError, NotFound
@@ -41,9 +41,6 @@ FERRY_VM = "bench-ferry"
 DIRECT_VM = "bench-direct"
 MODES = ("ferry", "direct", "qemu-defaults")
 QEMU_DEFAULTS = {"max-bandwidth": 128 * 2**20, "downtime-limit": 300}
-
-Say = Callable[[str], None]
-
 
 @dataclass(frozen=True)
 class Run:

@@ -206,6 +206,27 @@ class Monitor:
     async def query_migrate(self) -> MigrateInfo:
         return parse_migrate_info(await self.execute("query-migrate"))
 
+    async def completed_migrate_info(self) -> MigrateInfo:
+        """query-migrate once the outgoing migration has completed. QEMU marks it completed
+        a moment before it computes total time and downtime: wait (up to 1 s) for them."""
+        info = await self.query_migrate()
+        for _ in range(100):
+            if info.total_time_ms > 0:
+                break
+            await asyncio.sleep(0.01)
+            info = await self.query_migrate()
+        return info
+
+    async def incoming_port(self) -> int:
+        """The TCP port an incoming migration listens on (after migrate-incoming ...:0)."""
+        raw = await self.execute("query-migrate")
+        addrs = raw.get("socket-address") if isinstance(raw, dict) else None
+        if isinstance(addrs, list):
+            for a in addrs:
+                if isinstance(a, dict) and str(a.get("port", "")).isdigit():
+                    return int(a["port"])
+        raise QemuError(f"{self.name}: QEMU did not report its incoming port: {raw!r}")
+
     async def set_capabilities(self, caps: Mapping[str, bool]) -> None:
         await self.execute(
             "migrate-set-capabilities",

@@ -28,7 +28,9 @@ from ferry.model.errors import FerryError
 from ferry.store.etcd import EtcdStore
 from ferry.store.keys import Keys
 
-LAYOUT = LabLayout(name="ferrytest", nodes=3, tag="ft", octet=97)
+# FERRY_TEST_LAB=name,tag,octet runs a second session beside this one (other addresses).
+_NAME, _TAG, _OCTET = os.environ.get("FERRY_TEST_LAB", "ferrytest,ft,97").split(",")
+LAYOUT = LabLayout(name=_NAME, nodes=3, tag=_TAG, octet=int(_OCTET))
 
 
 def _leftovers(layout: LabLayout) -> list[str]:
@@ -70,7 +72,7 @@ def ferry(*args: str, timeout: float = 180) -> Cli:
 
 @pytest.fixture
 async def cl(lab: labmod.LabState) -> AsyncIterator[ClusterClient]:
-    store = EtcdStore([lab.endpoint])
+    store = EtcdStore(lab.endpoints)
     try:
         yield ClusterClient(store=store, keys=Keys(lab.cluster))
     finally:

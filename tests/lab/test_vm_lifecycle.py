@@ -115,7 +115,7 @@ def test_lab_up_is_idempotent(lab: labmod.LabState) -> None:
     assert res.code == 0, res.err
     after = labmod.load_state(LAYOUT.name)
     assert before is not None and after is not None
-    assert after.agent_pids == before.agent_pids and after.etcd_pid == before.etcd_pid
+    assert after.agent_pids == before.agent_pids and after.etcd_pids == before.etcd_pids
     res = ferry("lab", "status")
     assert res.code == 0 and "NOT RUNNING" not in res.out, res.out
 

@@ -77,7 +77,9 @@ def test_minimal_config_takes_the_defaults() -> None:
     assert cfg.accel == "auto"
     assert cfg.cpu_model == ""
     assert cfg.qemu_binary == "qemu-system-x86_64"
-    assert cfg.timings == Timings(lease_ttl=10, resync_s=2.0, stop_timeout_s=60.0)
+    assert cfg.timings == Timings(lease_ttl=15, resync_s=2.0, stop_timeout_s=60.0,
+                                  watchdog_s=10.0, fence_delay_s=15.0, self_fence_margin_s=3.75,
+                                  store_timeout_s=3.75)
 
 
 def test_full_config() -> None:
@@ -92,7 +94,10 @@ def test_full_config() -> None:
     assert cfg.accel == "kvm"
     assert cfg.cpu_model == "Westmere"
     assert cfg.qemu_binary == "/opt/qemu/bin/qemu-system-x86_64"
-    assert cfg.timings == Timings(lease_ttl=4, resync_s=1.0, stop_timeout_s=30.5)
+    # The HA timings derive from the lease TTL when not given: W = 2T/3, D = T, margin T/4.
+    assert cfg.timings == Timings(lease_ttl=4, resync_s=1.0, stop_timeout_s=30.5,
+                                  watchdog_s=2.67, fence_delay_s=4.0, self_fence_margin_s=1.0,
+                                  store_timeout_s=1.0)
     assert isinstance(cfg.timings.resync_s, float)
 
 
@@ -223,3 +228,25 @@ def test_resolve_accel_keeps_an_explicit_choice(accel: str) -> None:
 
 def test_resolve_accel_auto_picks_one() -> None:
     assert resolve_accel("auto") in ("kvm", "tcg")
+
+
+def test_explicit_ha_timings_are_kept() -> None:
+    d = doc()
+    d["timing"] = {"lease_ttl": 6, "watchdog_s": 3, "fence_delay_s": 5,
+                   "self_fence_margin_s": 1.5, "store_timeout_s": 1.2}
+    t = parse_config(d).timings
+    assert (t.watchdog_s, t.fence_delay_s, t.self_fence_margin_s, t.store_timeout_s) == (
+        3.0, 5.0, 1.5, 1.2)
+
+
+@pytest.mark.parametrize(("timing", "complaint"), [
+    ({"lease_ttl": 1}, "lease_ttl must be at least 2 s"),
+    ({"lease_ttl": 4, "self_fence_margin_s": 4}, "self_fence_margin_s must be shorter"),
+    ({"lease_ttl": 4, "watchdog_s": 5}, "watchdog_s must be shorter than lease_ttl"),
+    ({"lease_ttl": 6, "watchdog_s": 4, "fence_delay_s": 4.5},
+     "fence_delay_s must be at least watchdog_s + 1 s"),
+])
+def test_unsafe_ha_timings_are_refused(timing: dict[str, float], complaint: str) -> None:
+    d = doc()
+    d["timing"] = timing
+    assert complaint in fails(d)

@@ -134,7 +134,7 @@ def test_migration_record_keeps_timeline_options_config_summary() -> None:
 def test_encoding_is_plain_json_with_enum_values() -> None:
     data = json.loads(codec.encode(Owner(node="n", power=Power.ON)))
     assert data == {"node": "n", "power": "on", "migration": None, "target": None,
-                    "force": False}
+                    "force": False, "granted": 0, "ha": False}
     assert json.loads(codec.encode(RECORD))["timeline"][0]["phase"] == "connecting"
 
 

@@ -54,8 +54,13 @@ async def test_request_queues_the_migration_and_marks_the_owner_in_one_txn(c: Cl
     record_entry = await c.store.get(c.keys.migration_record(rec.id))
     assert owner_entry is not None and record_entry is not None
     assert owner_entry.mod_revision == record_entry.mod_revision == c.revision
-    assert codec.decode(Owner, owner_entry.value) == Owner(
-        node="node1", power=Power.ON, migration=rec.id, target="node2")
+    before = await c.store.get(c.keys.vm_owner("vm1"))
+    assert before is not None
+    # The owner and its fencing token stay: the token is the revision that granted node1.
+    owner = codec.decode(Owner, owner_entry.value)
+    assert owner == Owner(node="node1", power=Power.ON, migration=rec.id, target="node2",
+                          granted=owner.granted)
+    assert 0 < owner.granted < owner_entry.mod_revision
     assert await record_of(c, rec.id) == rec
 
 

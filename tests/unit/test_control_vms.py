@@ -337,8 +337,12 @@ async def test_placement_skips_nodes_that_are_down(c: Cluster) -> None:
 async def test_stop_keeps_the_node_and_turns_the_power_off(c: Cluster) -> None:
     await c.add_node("node1")
     await running_vm(c, "vm1", "node1")
+    granted = await c.store.get(c.keys.vm_owner("vm1"))
+    assert granted is not None
     await stop_vm(c.cl, "vm1")
-    assert await c.owner("vm1") == Owner(node="node1", power=Power.OFF, force=False)
+    # Same node, same fencing token (the revision that granted node1), power off.
+    assert await c.owner("vm1") == Owner(node="node1", power=Power.OFF, force=False,
+                                         granted=granted.mod_revision)
     assert (await show_vm(c.cl, "vm1")).state is VmState.STOPPING
 
 

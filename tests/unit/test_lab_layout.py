@@ -89,10 +89,58 @@ def test_migration_networks_have_no_gateway() -> None:
     assert {n.name for n in layout.networks} == {"cluster", "migration", "migration2", "lan"}
 
 
-def test_etcd_listens_on_the_host_cluster_address() -> None:
-    layout = LabLayout(octet=90)
+def test_three_etcd_members_listen_on_the_host_cluster_address() -> None:
+    layout = LabLayout(name="lab1", octet=90)
     assert layout.host_address == "10.90.0.1"
-    assert layout.etcd_url == "http://10.90.0.1:2379"
+    assert layout.etcd_urls == ["http://10.90.0.1:2379", "http://10.90.0.1:2381",
+                                "http://10.90.0.1:2383"]
+    members = layout.etcd_members
+    assert [m.index for m in members] == [0, 1, 2]
+    assert [m.name for m in members] == ["etcd1", "etcd2", "etcd3"]
+    assert [m.peer_url for m in members] == ["http://10.90.0.1:2380", "http://10.90.0.1:2382",
+                                             "http://10.90.0.1:2384"]
+    for m in members:
+        assert m.data_dir.is_relative_to(layout.shm_dir)
+
+
+def _flags(argv: list[str]) -> dict[str, str]:
+    assert argv[0] == "etcd"
+    pairs = argv[1:]
+    assert all(a.startswith("--") for a in pairs[::2]), argv
+    return dict(zip(pairs[::2], pairs[1::2], strict=True))
+
+
+def test_etcd_argv_names_the_whole_cluster() -> None:
+    layout = LabLayout(name="lab1", octet=90)
+    initial = ",".join(f"{m.name}={m.peer_url}" for m in layout.etcd_members)
+    for m in layout.etcd_members:
+        flags = _flags(layout.etcd_argv(m))
+        assert flags["--name"] == m.name
+        assert flags["--data-dir"] == str(m.data_dir)
+        assert flags["--listen-client-urls"] == flags["--advertise-client-urls"] == m.client_url
+        assert flags["--listen-peer-urls"] == flags["--initial-advertise-peer-urls"] == m.peer_url
+        assert flags["--initial-cluster"] == initial
+        assert flags["--initial-cluster-state"] == "new"
+        assert flags["--initial-cluster-token"] == "lab1"
+        assert (flags["--heartbeat-interval"], flags["--election-timeout"]) == ("100", "1000")
+        assert flags["--auto-compaction-mode"] == "revision"
+
+
+def test_etcd_ports_do_not_collide() -> None:
+    members = LabLayout().etcd_members
+    urls = [m.client_url for m in members] + [m.peer_url for m in members]
+    assert len(set(urls)) == len(urls)
+
+
+def test_each_etcd_marker_matches_only_its_own_member() -> None:
+    # procs finds a member by its marker in /proc/PID/cmdline (arguments joined by spaces).
+    labs = [LabLayout(name="ferry"), LabLayout(name="ferrytest", tag="ft", octet=97)]
+    for layout in labs:
+        for m in layout.etcd_members:
+            for other_lab in labs:
+                for other in other_lab.etcd_members:
+                    line = " ".join(other_lab.etcd_argv(other)) + " "
+                    assert (m.marker in line) == (m == other), (m.name, other.name)
 
 
 @pytest.mark.parametrize("nodes", SIZES)
@@ -104,7 +152,8 @@ def test_agent_config_parses_back(nodes: int) -> None:
         assert cfg.node == node
         assert cfg.cluster == "c1"
         assert cfg.bridge == BRIDGE
-        assert cfg.endpoints == (layout.etcd_url,)
+        assert cfg.endpoints == tuple(layout.etcd_urls)
+        assert len(cfg.endpoints) == 3
         assert cfg.cluster_address == layout.cluster.node_address(i)
         assert cfg.migration_networks == tuple(
             NetAddress(n.name, n.node_address(i)) for n in layout.migration_networks)

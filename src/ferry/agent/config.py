@@ -17,9 +17,45 @@ ACCELS = ("kvm", "tcg", "auto")
 
 @dataclass(frozen=True)
 class Timings:
-    lease_ttl: int = 10  # seconds; the node is "up" while its lease lives
+    """How fast the cluster notices and acts on a dead node (design/ha.md).
+
+    With lease TTL T the node keeps its lease alive every T/3 and stops its own HA VMs
+    ``self_fence_margin_s`` before T has passed since its last successful keepalive was
+    sent; its watchdog kills them ``watchdog_s`` after the agent last fed it; the manager
+    waits ``fence_delay_s`` after the lease is gone before restarting them elsewhere.
+    Defaults derive from T: W = 2T/3, D = T, margin = T/4 (T=15: W=10, D=15).
+    """
+
+    lease_ttl: int = 15  # seconds; the node is "up" while its lease lives
     resync_s: float = 2.0  # full reconcile even without store events
     stop_timeout_s: float = 60.0  # guest shutdown before a forced stop
+    watchdog_s: float = 10.0  # 0: 2T/3
+    fence_delay_s: float = 15.0  # 0: T
+    self_fence_margin_s: float = 3.75  # 0: T/4
+    store_timeout_s: float = 3.75  # 0: T/4, at least 1 s: a keepalive must fail fast
+
+    def resolved(self) -> Timings:
+        t = float(self.lease_ttl)
+        return Timings(
+            lease_ttl=self.lease_ttl, resync_s=self.resync_s, stop_timeout_s=self.stop_timeout_s,
+            watchdog_s=self.watchdog_s or round(2 * t / 3, 2),
+            fence_delay_s=self.fence_delay_s or t,
+            self_fence_margin_s=self.self_fence_margin_s or t / 4,
+            store_timeout_s=self.store_timeout_s or max(1.0, t / 4),
+        )
+
+    def check(self, where: str) -> None:
+        """The orderings that make fencing safe; InvalidSpec names the broken one."""
+        r = self.resolved()
+        if r.lease_ttl < 2:
+            raise InvalidSpec(f"{where}: lease_ttl must be at least 2 s (etcd's minimum)")
+        if r.self_fence_margin_s >= r.lease_ttl:
+            raise InvalidSpec(f"{where}: self_fence_margin_s must be shorter than lease_ttl")
+        if r.watchdog_s >= r.lease_ttl:
+            raise InvalidSpec(f"{where}: watchdog_s must be shorter than lease_ttl")
+        if r.fence_delay_s < r.watchdog_s + 1.0:
+            raise InvalidSpec(f"{where}: fence_delay_s must be at least watchdog_s + 1 s, so"
+                              " a hung node's watchdog has killed its VMs before recovery")
 
 
 @dataclass(frozen=True)
@@ -103,12 +139,22 @@ def parse_config(doc: dict[str, Any], *, where: str = "config") -> AgentConfig:
         accel=accel,
         cpu_model=_get(qemu, "cpu_model", str, f"{where} [qemu]", ""),
         qemu_binary=_get(qemu, "binary", str, f"{where} [qemu]", "qemu-system-x86_64"),
-        timings=Timings(
-            lease_ttl=_positive(timing, "lease_ttl", int, f"{where} [timing]", 10),
-            resync_s=_positive(timing, "resync_s", float, f"{where} [timing]", 2.0),
-            stop_timeout_s=_positive(timing, "stop_timeout_s", float, f"{where} [timing]", 60.0),
-        ),
+        timings=_timings(timing, f"{where} [timing]"),
     )
+
+
+def _timings(timing: dict[str, Any], where: str) -> Timings:
+    optional = {k: _positive(timing, k, float, where, 1.0) if k in timing else 0.0
+                for k in ("watchdog_s", "fence_delay_s", "self_fence_margin_s",
+                          "store_timeout_s")}
+    t = Timings(
+        lease_ttl=_positive(timing, "lease_ttl", int, where, 15),
+        resync_s=_positive(timing, "resync_s", float, where, 2.0),
+        stop_timeout_s=_positive(timing, "stop_timeout_s", float, where, 60.0),
+        **optional,
+    )
+    t.check(where)
+    return t.resolved()
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -106,7 +106,7 @@ class AgentContext:
             assert owner_entry is not None
             new_rec = rec.advance(phase, at=time.time(), node=self.node, note=reason)
             new_rec = dataclasses.replace(new_rec, error=reason)
-            new_owner = dataclasses.replace(owner, migration=None, target=None)
+            new_owner = owner.amend(owner_entry.mod_revision, migration=None, target=None)
             res = await self.store.txn(
                 [Compare.unchanged(self.keys.vm_owner(rec.vm), owner_entry.mod_revision),
                  Compare.unchanged(self.keys.migration_record(mid), rec_rev)],

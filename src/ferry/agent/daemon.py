@@ -16,25 +16,26 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-import ferry
 from ferry.agent import reconcile as rc
 from ferry.agent.config import AgentConfig, resolve_accel
 from ferry.agent.context import AgentContext
+from ferry.agent.membership import Membership
 from ferry.agent.migrate_source import drive_source
 from ferry.agent.migrate_target import drive_target
 from ferry.agent.runtime import Role, Runtime
 from ferry.agent.view import StoreView
+from ferry.ha.manager import Manager
 from ferry.model import codec
-from ferry.model.errors import FerryError, LeaseExpired, StoreError
-from ferry.model.node import NodeInfo
-from ferry.model.vm import VmState, VmStatus
+from ferry.model.errors import FerryError, StoreError
+from ferry.model.vm import Owner, Power, VmState, VmStatus
 from ferry.qemu.argv import Hardware
-from ferry.store.base import ClusterStore
+from ferry.store.base import ClusterStore, Compare, Put
 from ferry.store.keys import Keys
 
 log = logging.getLogger("ferry.agent")
 
 START_BACKOFF_S = (5.0, 10.0, 30.0, 60.0)
+MANAGER_PERIOD_S = 0.5
 
 
 def default_cpu_model(accel: str) -> str:
@@ -57,17 +58,24 @@ class Agent:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.failures: dict[str, tuple[int, float]] = {}  # vm -> (attempts, retry at)
         self.last_reason = ""
+        self.membership = Membership(self.ctx, on_change=self.wake.set)
+        self.manager = Manager(node=config.node, store=store, keys=keys,
+                               base_delay=config.timings.fence_delay_s)
 
     async def run(self) -> None:
         ctx = self.ctx
         adopted = await ctx.runtime.adopt_all()
         log.info("node %s: adopted %d running VMs: %s", self.config.node, len(adopted),
                  ", ".join(adopted) or "-")
-        await self._register()
+        await self.membership.register_until_done()
         await ctx.view.load()
+        m = self.membership
         background = [
             asyncio.create_task(ctx.view.follow(), name="watch"),
-            asyncio.create_task(self._keepalive(), name="keepalive"),
+            asyncio.create_task(m.keepalive(), name="keepalive"),
+            asyncio.create_task(m.guard_deadline(), name="self-fence"),
+            asyncio.create_task(m.feed_watchdog(), name="watchdog"),
+            asyncio.create_task(self._manage(), name="manager"),
         ]
         try:
             while True:
@@ -79,33 +87,20 @@ class Agent:
             for t in background + list(self.tasks.values()):
                 t.cancel()
 
-    async def _register(self) -> None:
-        ctx = self.ctx
-        ctx.lease = await ctx.store.grant_lease(self.config.timings.lease_ttl)
-        info = NodeInfo(
-            name=self.config.node, cluster_address=self.config.cluster_address,
-            migration_addresses=self.config.migration_networks, bridge=self.config.bridge,
-            memory_mib=_memory_mib(), cpus=os.cpu_count() or 1, accel=ctx.hardware.accel,
-            version=ferry.__version__, started_at=time.time(),
-        )
-        await ctx.store.put(ctx.keys.node_info(self.config.node), codec.encode(info))
-        await ctx.store.put(ctx.keys.node_alive(self.config.node), str(os.getpid()),
-                            lease=ctx.lease)
-        log.info("node %s: registered (lease %x, %s, cpu %s)", self.config.node, ctx.lease,
-                 ctx.hardware.accel, ctx.hardware.cpu_model)
-
-    async def _keepalive(self) -> None:
-        interval = max(0.5, self.config.timings.lease_ttl / 3)
+    async def _manage(self) -> None:
+        last = ""
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(MANAGER_PERIOD_S)
+            if not self.membership.guard.valid():
+                continue  # a node past its lease deadline decides nothing for others
             try:
-                await self.ctx.store.keepalive(self.ctx.lease)
-            except LeaseExpired:
-                log.error("node %s: lease expired; registering again", self.config.node)
-                with contextlib.suppress(StoreError):
-                    await self._register()
+                reason = await self.manager.step(self.ctx.view.entries,
+                                                 lease=self.membership.guard.lease)
             except StoreError as err:
-                log.warning("node %s: lease keepalive failed: %s", self.config.node, err)
+                reason = f"store error: {err}"
+            if reason != last:
+                log.info("manager: %s", reason)
+                last = reason
 
     def snapshot(self) -> rc.Snapshot:
         view = self.ctx.view
@@ -126,13 +121,14 @@ class Agent:
             name: rc.LocalFacts(
                 role=rc.LocalRole(vm.meta.role.value), run_state=vm.run_state,
                 token=vm.meta.token, migration=vm.meta.migration, pid=vm.proc.pid,
-                since=vm.meta.started_at)
+                since=vm.meta.started_at, ha=self.ctx.runtime.has_marker(name))
             for name, vm in self.ctx.runtime.vms.items()
         }
         now = time.monotonic()
         held = frozenset(v for v, (_, at) in self.failures.items() if at > now)
         return rc.Snapshot(node=self.config.node, vms=vms, migrations=migrations, local=local,
-                           busy=frozenset(self.tasks), held=held)
+                           busy=frozenset(self.tasks), held=held,
+                           lease_valid=self.membership.guard.valid())
 
     def _local_incoming(self, mid: str) -> bool:
         return any(v.meta.role is Role.INCOMING and v.meta.migration == mid
@@ -167,6 +163,10 @@ class Agent:
                 self._spawn(vm, drive_source(self.ctx, mid))
             case rc.DriveTarget(vm=vm, migration=mid):
                 self._spawn(vm, drive_target(self.ctx, mid))
+            case rc.ArmHa(vm=vm, owner_rev=rev, on=on):
+                self._spawn(vm, self._arm(vm, rev, on=on))
+            case rc.SetMarker(vm=vm, on=on):
+                self.ctx.runtime.set_marker(vm, on=on)
 
     def _spawn(self, vm: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro, name=f"op:{vm}")
@@ -182,15 +182,40 @@ class Agent:
 
         task.add_done_callback(done)
 
+    async def _arm(self, vm: str, rev: int, *, on: bool) -> None:
+        """Arming: the marker exists before the owner record says armed. Disarming: the
+        record first, then the marker. Either way the marker covers every armed QEMU."""
+        ctx = self.ctx
+        local = ctx.runtime.vms.get(vm)
+        if on and local is not None:
+            ctx.runtime.set_marker(vm, on=True)
+        key = ctx.keys.vm_owner(vm)
+        entry = await ctx.store.get(key)
+        if entry is None or entry.mod_revision != rev:
+            return
+        owner = codec.decode(Owner, entry.value)
+        res = await ctx.store.txn([Compare.unchanged(key, rev)],
+                                  [Put(key, codec.encode(owner.amend(rev, ha=on)))])
+        if res.succeeded:
+            log.info("VM %s: HA %s", vm, "armed" if on else "disarmed")
+            if not on and local is not None:
+                ctx.runtime.set_marker(vm, on=False)
+
     async def _start(self, vm: str, token: int) -> None:
-        """Start only if the store (read now, not from the watch copy) still says so."""
+        """Start only if the store (read now, not from the watch copy) still says so, and
+        while this node's lease is valid."""
         ctx = self.ctx
         entry = await ctx.store.get(ctx.keys.vm_owner(vm))
         spec = ctx.view.spec(vm)
-        if entry is None or entry.mod_revision != token or spec is None:
+        if entry is None or spec is None:
+            return
+        owner = codec.decode(Owner, entry.value)
+        if owner.node != self.config.node or owner.power is not Power.ON or owner.token(
+                entry.mod_revision) != token or not self.membership.guard.valid():
             return  # the owner record moved on since the snapshot: the next cycle decides
         try:
-            local = await ctx.runtime.start(spec, hw=ctx.hardware, token=token)
+            local = await ctx.runtime.start(spec, hw=ctx.hardware, token=token, ha=owner.ha,
+                                            tag=f"{self.config.node}:{token}")
         except FerryError as err:
             attempts = self.failures.get(vm, (0, 0.0))[0]
             delay = START_BACKOFF_S[min(attempts, len(START_BACKOFF_S) - 1)]
@@ -204,16 +229,6 @@ class Agent:
         await ctx.report_status(vm, VmStatus(
             node=self.config.node, state=rc.observed_state(local.run_state), token=token,
             pid=local.proc.pid, since=local.meta.started_at))
-
-
-def _memory_mib() -> int:
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 0
 
 
 AGENT_NICE = -5

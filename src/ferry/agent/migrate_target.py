@@ -52,16 +52,16 @@ async def drive_target(ctx: AgentContext, mid: str) -> None:
             if local is None:
                 if rec.target_uri:
                     raise TargetGaveUp("the target QEMU is gone")
-                local = await _create(ctx, rec)
+                local = await _create(ctx, rec, ha=owner.ha)
             received = await _receive(ctx, mid, local)
             token = None if received is None else await _commit(
-                ctx, mid, owner_key=owner_key, owner_rev=entry.mod_revision)
+                ctx, mid, owner_key=owner_key, owner_rev=entry.mod_revision, ha=owner.ha)
             if received is None or token is None:
                 await _release(ctx, mid, local)
                 return
             completed_at = received
         else:
-            token = entry.mod_revision if entry else 0
+            token = owner.token(entry.mod_revision) if entry else 0
         await _online(ctx, mid, local, token=token, completed_at=completed_at)
     except FerryError as err:
         if await _owned_here(ctx, rec.vm):
@@ -75,7 +75,7 @@ async def drive_target(ctx: AgentContext, mid: str) -> None:
         await _release(ctx, mid, ctx.runtime.vms.get(rec.vm))
 
 
-async def _create(ctx: AgentContext, rec: MigrationRecord) -> LocalVm:
+async def _create(ctx: AgentContext, rec: MigrationRecord, *, ha: bool) -> LocalVm:
     """Step 3: an empty VM with identical devices, waiting for the stream."""
     if rec.config is None:
         raise TargetGaveUp("the source sent no configuration")
@@ -83,8 +83,9 @@ async def _create(ctx: AgentContext, rec: MigrationRecord) -> LocalVm:
     if address is None:
         raise TargetGaveUp(f"{ctx.node} has no address on network {rec.network}")
     hw = Hardware(accel=rec.config.accel, cpu_model=rec.config.cpu_model)
+    # Armed from the start if the VM is: after the commit it is this node's to guard.
     local = await ctx.runtime.start(rec.config.spec, hw=hw, token=0, role=Role.INCOMING,
-                                    migration=rec.id)
+                                    migration=rec.id, ha=ha)
     mon = local.monitor
     await mon.set_capabilities({"events": True})
     await mon.set_parameters(ANNOUNCE)
@@ -118,14 +119,15 @@ async def _receive(ctx: AgentContext, mid: str, local: LocalVm) -> float | None:
                     return time.time()
 
 
-async def _commit(ctx: AgentContext, mid: str, *, owner_key: str, owner_rev: int) -> int | None:
+async def _commit(ctx: AgentContext, mid: str, *, owner_key: str, owner_rev: int,
+                  ha: bool) -> int | None:
     """The point of no return: ownership moves here in one transaction, guarded by the
     owner record's revision (a failed or ended migration changes it) and by the absence of
     a cancel request. It is prepared in advance so that the VM's pause is one round trip
     longer than QEMU's own switchover, no more. Returns the new token, or None."""
     res = await ctx.store.txn(
         [Compare.unchanged(owner_key, owner_rev), Compare.absent(ctx.keys.migration_cancel(mid))],
-        [Put(owner_key, codec.encode(Owner(node=ctx.node, power=Power.ON)))],
+        [Put(owner_key, codec.encode(Owner(node=ctx.node, power=Power.ON, ha=ha)))],
     )
     return res.revision if res.succeeded else None
 

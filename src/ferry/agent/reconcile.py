@@ -5,9 +5,14 @@ The agent's loop is level-triggered (Patroni's ``_run_cycle``): it takes a snaps
 is unit-tested with plain data.
 
 The rules that keep a VM from running twice:
-- a node starts a VM only when the store names it the owner and the power is on;
+- a node starts a VM only when the store names it the owner, the power is on and its own
+  lease is valid (a node past its lease deadline has fenced itself);
 - a node kills any local QEMU whose VM it does not own, unless that QEMU is the target of a
-  migration to this node that is still going on.
+  migration to this node that is still going on; and any QEMU started under an older
+  fencing token than the owner record's;
+- an HA VM is armed (its QEMU carries the HA marker that the watchdog and self-fencing act
+  on) before the owner record says so, and before it starts: the manager restarts elsewhere
+  only VMs whose record says armed.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class LocalFacts:
     migration: str | None
     pid: int
     since: float = 0.0
+    ha: bool = False  # the HA marker is set
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class Snapshot:
     local: Mapping[str, LocalFacts]
     busy: frozenset[str] = frozenset()  # VMs with an operation in flight on this node
     held: frozenset[str] = frozenset()  # VMs whose start failed recently (back off)
+    lease_valid: bool = True
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,23 @@ class DriveTarget:
     migration: str
 
 
-Action = StartVm | StopVm | KillVm | ReportStatus | DriveSource | DriveTarget
+@dataclass(frozen=True)
+class ArmHa:
+    """Set (``on``) or clear the VM's HA protection: marker first, then the owner record
+    when arming; the record first, then the marker when disarming."""
+
+    vm: str
+    owner_rev: int
+    on: bool
+
+
+@dataclass(frozen=True)
+class SetMarker:
+    vm: str
+    on: bool
+
+
+Action = StartVm | StopVm | KillVm | ReportStatus | DriveSource | DriveTarget | ArmHa | SetMarker
 
 
 @dataclass(frozen=True)
@@ -158,14 +181,23 @@ def _vm_action(snap: Snapshot, name: str) -> tuple[list[Action], str]:
         )
     if not mine or owner is None:
         return _drop_stale_status(snap, facts)
+    token = owner.token(facts.owner_rev)
+    if local is not None and _stale(snap, owner, local, token):
+        return [KillVm(vm=name, why=f"started under token {local.token}, owner token is"
+                       f" {token}")], "stale copy: killing it"
+    arm = _arming(snap, facts, local)
+    if arm is not None:
+        return [arm[0]], arm[1]
     if owner.power is Power.OFF:
         if local is not None:
             return [StopVm(vm=name, force=owner.force)], "power off requested: stopping"
         return _drop_stale_status(snap, facts)
     if local is None:
+        if not snap.lease_valid:
+            return [], "should run, but this node's lease is not valid: not starting"
         if name in snap.held:
             return [], "start failed recently: waiting before the next try"
-        return [StartVm(vm=name, token=facts.owner_rev)], "owned here and should run: starting"
+        return [StartVm(vm=name, token=token)], "owned here and should run: starting"
     want = VmStatus(node=snap.node, state=observed_state(local.run_state),
                     token=local.token, pid=local.pid, since=local.since)
     have = facts.status
@@ -174,6 +206,32 @@ def _vm_action(snap: Snapshot, name: str) -> tuple[list[Action], str]:
     ):
         return [ReportStatus(vm=name, status=want)], f"reporting {want.state.value}"
     return [], ""
+
+
+def _stale(snap: Snapshot, owner: Owner, local: LocalFacts, token: int) -> bool:
+    """A local QEMU that is not the owner's current copy although the owner is this node:
+    a leftover target of a migration that did not commit, or a copy from an older grant."""
+    if local.role is LocalRole.INCOMING:
+        if owner.migration is not None:
+            return owner.migration != local.migration
+        rec = snap.migrations.get(local.migration) if local.migration else None
+        return rec is None or not rec.committed  # committed: it is the VM, being promoted
+    return local.token != token
+
+
+def _arming(snap: Snapshot, facts: VmFacts, local: LocalFacts | None
+            ) -> tuple[Action, str] | None:
+    owner = facts.owner
+    assert owner is not None
+    want = facts.spec.ha is not None
+    if owner.migration is None and want != owner.ha and (snap.lease_valid or not want):
+        # Not during a migration: arming changes the owner record, which the migration's
+        # commit is guarded by.
+        return (ArmHa(vm=facts.spec.name, owner_rev=facts.owner_rev, on=want),
+                "arming HA" if want else "disarming HA")
+    if local is not None and local.role is LocalRole.PRIMARY and local.ha != owner.ha:
+        return SetMarker(vm=facts.spec.name, on=owner.ha), "syncing the HA marker"
+    return None
 
 
 def _incoming_in_flight(snap: Snapshot, name: str, local: LocalFacts) -> bool:

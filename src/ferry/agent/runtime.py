@@ -101,19 +101,27 @@ class Runtime:
         return adopted
 
     async def start(self, spec: VmSpec, *, hw: Hardware, token: int, role: Role = Role.PRIMARY,
-                    migration: str | None = None) -> LocalVm:
-        """Create the taps, spawn QEMU (paused for an incoming migration), attach QMP."""
+                    migration: str | None = None, ha: bool = False, tag: str = "") -> LocalVm:
+        """Create the taps, spawn QEMU (paused for an incoming migration), attach QMP.
+
+        ``ha``: the HA marker exists before QEMU does, so no armed VM ever runs unguarded.
+        ``tag``: told to a direct-boot guest as ``ferry.tag=`` (who runs it, under which token).
+        """
         if spec.name in self.vms:
             raise QemuError(f"VM {spec.name} already has a QEMU on this node")
         paths = self.paths(spec.name)
         if role is Role.PRIMARY:  # a migration target gets the source's concrete type
             machine = await asyncio.to_thread(resolve_machine, self.qemu_binary, spec.machine)
             spec = replace(spec, machine=machine)
+            if tag and spec.boot is not None:
+                spec = replace(spec, boot=replace(
+                    spec.boot, cmdline=f"{spec.boot.cmdline} ferry.tag={tag}".strip()))
         meta = LocalMeta(vm=spec.name, spec=spec, role=role, token=token, accel=hw.accel,
                          cpu_model=hw.cpu_model, migration=migration, started_at=time.time())
         for i, nic in enumerate(spec.nics):
             await ensure_tap(spec.tap_name(i), bridge=nic.bridge or self.bridge)
         paths.dir.mkdir(parents=True, exist_ok=True)
+        self.set_marker(spec.name, on=ha)
         paths.meta.write_text(codec.encode(meta))
         argv = build_argv(spec, hw=hw, paths=paths, binary=self.qemu_binary,
                           incoming=role is Role.INCOMING)
@@ -174,6 +182,17 @@ class Runtime:
         for i in range(len(spec.nics)):
             with contextlib.suppress(FerryError):
                 await delete_tap(spec.tap_name(i))
+
+    def set_marker(self, vm: str, *, on: bool) -> None:
+        marker = self.paths(vm).ha_marker
+        if on:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
+
+    def has_marker(self, vm: str) -> bool:
+        return self.paths(vm).ha_marker.exists()
 
     def set_meta(self, vm: LocalVm, meta: LocalMeta) -> None:
         vm.meta = meta

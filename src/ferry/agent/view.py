@@ -48,7 +48,11 @@ class StoreView:
             try:
                 async for batch in self.store.watch(self.keys.root,
                                                     start_revision=self.revision + 1):
+                    # A reload (``load``) may have moved past some of these already.
+                    floor = self.revision
                     for ev in batch:
+                        if ev.mod_revision <= floor:
+                            continue
                         if ev.type is EventType.DELETE:
                             self.entries.pop(ev.key, None)
                         else:

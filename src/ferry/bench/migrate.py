@@ -29,7 +29,6 @@ from ferry.control.client import ClusterClient
 from ferry.lab import lab as labmod
 from ferry.lab.guestctl import wait_guest
 from ferry.lab.lab import Say
-from ferry.lab.layout import LabLayout
 from ferry.lab.prober import outage
 from ferry.model.errors import FerryError, NotFound
 from ferry.model.migration import MigrationOptions, MigrationPhase
@@ -130,9 +129,9 @@ async def bench_migrate(*, runs: int, memory_mib: int, downtime_ms: int, bandwid
     """Ferry's runs, then the direct and QEMU-default runs (those two interleaved). Only the
     VM being measured runs, with only its own prober: on two cores a second guest and prober
     would take CPU from whichever migration is being measured."""
-    state = await asyncio.to_thread(labmod.up, LabLayout(name=labmod.lab_name(), nodes=3),
+    state = await asyncio.to_thread(labmod.up, labmod.current_layout(),
                                     say=say)
-    store = EtcdStore([state.endpoint])
+    store = EtcdStore(state.endpoints)
     cl = ClusterClient(store=store, keys=Keys(state.cluster))
     results: list[Run] = []
     try:

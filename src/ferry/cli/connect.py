@@ -25,7 +25,7 @@ def resolve() -> tuple[list[str], str]:
             "FERRY_CLUSTER", "default")
     state = load_state()
     if state is not None:
-        return [state.endpoint], state.cluster
+        return list(state.endpoints), state.cluster
     if HOST_CONFIG.exists():
         cfg = load_config(HOST_CONFIG)
         return list(cfg.endpoints), cfg.cluster

@@ -8,20 +8,23 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ferry.cli.connect import with_cluster
 from ferry.cli.output import table
 from ferry.cli.progress import summary_line, watch
+from ferry.control import ha as ha_ctl
 from ferry.control import migrations as migs
 from ferry.control import vms as vms_ctl
 from ferry.control.client import ClusterClient
+from ferry.lab import faults
 from ferry.lab import lab as labmod
 from ferry.lab.guestctl import guest_get, wait_guest
-from ferry.lab.layout import LabLayout
 from ferry.lab.prober import outage
-from ferry.model.errors import NotFound
+from ferry.model.errors import FerryError, NotFound, Timeout
+from ferry.model.ha import HaPolicy
 from ferry.model.migration import MigrationPhase
 from ferry.model.vm import VmState, parse_size
 
@@ -34,9 +37,11 @@ async def _ensure_vm_on(cl: ClusterClient, name: str, *, memory: str, node: str)
     try:
         view = await vms_ctl.show_vm(cl, name)
     except NotFound:
-        await vms_ctl.create_vm(cl, name, memory_mib=parse_size(memory) // 2**20)
+        # HA, and its disk writer starts at every boot, stamping records with node:token.
+        await vms_ctl.create_vm(cl, name, memory_mib=parse_size(memory) // 2**20,
+                                ha=HaPolicy(), kernel_args="ferry.diskwriter=20")
         view = await vms_ctl.show_vm(cl, name)
-        click.echo(f"  created {name}: disk {view.disk}")
+        click.echo(f"  created {name} (highly available): disk {view.disk}")
     if view.state is VmState.RUNNING and view.node != node:
         await vms_ctl.stop_vm(cl, name, force=True)
         await vms_ctl.wait_stopped(cl, name)
@@ -50,16 +55,17 @@ async def _ensure_vm_on(cl: ClusterClient, name: str, *, memory: str, node: str)
 
 
 async def run_demo(*, vm_name: str, memory: str) -> None:
-    _step("lab up: 3 nodes, etcd, a client namespace")
+    _step("lab up: 3 nodes, a 3-member etcd, a client namespace")
     state = await asyncio.to_thread(
-        labmod.up, LabLayout(name=labmod.lab_name(), nodes=3),
+        labmod.up, labmod.current_layout(),
         say=lambda m: click.echo(f"  {m}"))
     ns = state.layout.client_ns
     _step(f"VM {vm_name} on the shared volume, started on node1")
     ip = await with_cluster(lambda cl: _ensure_vm_on(cl, vm_name, memory=memory, node="node1"))
     status = await wait_guest(ns, ip)
     click.echo(f"  guest answers: up {status['uptime']:.1f} s, boot id {status['boot_id'][:8]}")
-    await guest_get(ns, ip, "/cgi-bin/diskwriter?op=start&rate=20&tag=demo")
+    if not status["diskwriter"]["running"]:
+        await guest_get(ns, ip, "/cgi-bin/diskwriter?op=start&rate=20&tag=demo")
     click.echo("  disk writer: appending checksummed records to the VM's disk, 20/s")
     pid, log = await asyncio.to_thread(labmod.start_prober, state, ip)
     click.echo(f"  prober in {ns}: ICMP and one TCP connection to {ip}:7, every 5 ms")
@@ -73,6 +79,8 @@ async def run_demo(*, vm_name: str, memory: str) -> None:
     finally:
         await asyncio.to_thread(labmod.stop_prober, state, pid)
     await _closing(ns, ip, status, rows)
+    await _failover(state, vm_name, ip)
+    _look_around(ip)
 
 
 async def _hop(cl: ClusterClient, *, vm: str, dst: str, log: Path) -> list[object]:
@@ -103,13 +111,53 @@ async def _closing(ns: str, ip: str, before: dict[str, object], rows: list[list[
     click.echo(f"  guest uptime {after['uptime']:.1f} s, same boot: {'yes' if same_boot else 'NO'};"
                f" disk records 1..{verify['last']}, continuous:"
                f" {'yes' if verify['continuous'] else 'NO'}")
+
+
+async def _failover(state: labmod.LabState, vm: str, ip: str) -> None:
+    ns = state.layout.client_ns
+    view = await with_cluster(lambda cl: vms_ctl.show_vm(cl, vm))
+    node = view.node or "node1"
+    _step(f"failover: pull the plug of {node} (every process of it dies: agent, QEMU)")
+    t0 = time.monotonic()
+    await asyncio.to_thread(faults.power_off, state, node)
+    after = await _answering_elsewhere(ns, ip, node)
+    took = time.monotonic() - t0
+    evs, _ = await with_cluster(lambda cl: ha_ctl.list_events(cl, limit=5))
+    for ev in evs:
+        click.echo(f"  event {ev.kind.value}: {ev.message}")
+    click.echo(f"  {vm} answers again after {took:.1f} s, on {after['diskwriter']['tag']}"
+               " (node:fencing token), rebooted")
+    await asyncio.to_thread(faults.power_on, labmod.load_state(state.name) or state, node)
+    click.echo(f"  {node} powered on: it rejoins, and does not take {vm} back")
+    await asyncio.sleep(3)
+    verify = await guest_get(ns, ip, "/cgi-bin/verify")
+    owners = " -> ".join(s["tag"] for s in verify.get("segments", []))
+    click.echo(f"  disk records 1..{verify['last']}, continuous:"
+               f" {'yes' if verify['continuous'] else 'NO'}; writers in order: {owners}")
+
+
+async def _answering_elsewhere(ns: str, ip: str, node: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            status: dict[str, Any] = await guest_get(ns, ip, "/cgi-bin/status", timeout=1)
+            if not status["diskwriter"].get("tag", "").startswith(f"{node}:"):
+                return status
+        except FerryError:
+            pass
+        await asyncio.sleep(0.25)
+    raise Timeout("the VM did not answer from another node within 120 s")
+
+
+def _look_around(ip: str) -> None:
     _step("look around")
     here = Path(sys.executable).parent
     if shutil.which("ferry") != str(here / "ferry"):
         click.echo(f"  (ferry is {here / 'ferry'}: export PATH={here}:$PATH)")
     click.echo("  ferry vm list            ferry vm show demo --json")
     click.echo("  ferry migration list     ferry migration show <ID>")
-    click.echo("  ferry node list          ferry lab status")
+    click.echo("  ferry node list          ferry lab status          ferry events")
+    click.echo("  ferry lab fault node2 isolate           (and heal; see ferry lab fault --help)")
     click.echo("  ferry vm migrate demo --to node2        (again, by hand)")
     click.echo("  ferry lab exec client -- ping -c3 " + ip)
     click.echo("  tear down: ferry lab down")

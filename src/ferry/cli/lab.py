@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from dataclasses import replace
 
 import click
 
 from ferry.cli.output import emit_json, table
+from ferry.lab import faults
 from ferry.lab import lab as labmod
 from ferry.lab.guest import build_guest_image
-from ferry.lab.layout import LabLayout
 from ferry.model.errors import LabError
 
 
@@ -37,12 +36,9 @@ def lab() -> None:
 def lab_up(nodes: int) -> None:
     """Build the lab (idempotent): namespaces, bridges, etcd, one agent per node."""
     click.echo(f"bringing up lab {labmod.lab_name()!r} with {nodes} nodes")
-    old = labmod.load_state()
-    layout = LabLayout(name=labmod.lab_name(), nodes=nodes)
-    if old is not None:  # keep its addresses; it may have been built with other ones
-        layout = replace(old.layout, nodes=max(nodes, old.nodes))
-    state = labmod.up(layout, say=_say)
-    click.echo(f"lab is up: etcd at {state.endpoint}, nodes {', '.join(state.layout.node_names())}")
+    state = labmod.up(labmod.current_layout(nodes=nodes), say=_say)
+    click.echo(f"lab is up: etcd at {','.join(state.endpoints)},"
+               f" nodes {', '.join(state.layout.node_names())}")
 
 
 @lab.command("down")
@@ -55,17 +51,50 @@ def lab_down() -> None:
 @lab.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def lab_status(as_json: bool) -> None:
-    """Processes and namespaces of the lab."""
+    """Processes, namespaces and drilled faults of the lab."""
     state = _state()
-    etcd_ok, nodes = labmod.health(state)
+    members, nodes = labmod.health(state)
     if as_json:
-        emit_json({"lab": state, "etcd_running": etcd_ok, "nodes": nodes})
+        emit_json({"lab": state, "etcd_running": all(m.running for m in members),
+                   "etcd": members, "nodes": nodes})
         return
-    click.echo(f"lab {state.name}: etcd {state.endpoint} "
-               f"{'running' if etcd_ok else 'NOT RUNNING'} (pid {state.etcd_pid})")
-    table(["NODE", "NAMESPACE", "AGENT PID", "AGENT", "QEMUS"],
-          [[n.node, state.layout.node_ns(n.node) if n.namespace else "MISSING", n.agent_pid,
-            "running" if n.agent_running else "NOT RUNNING", n.qemus] for n in nodes])
+    click.echo(f"lab {state.name}, cluster {state.cluster}")
+    table(["ETCD", "URL", "PID", "STATE", "LEADER"],
+          [[m.member, m.url, m.pid or None, "running" if m.running else "NOT RUNNING",
+            None if m.leader is None else "yes" if m.leader else "no"] for m in members])
+    click.echo()
+    table(["NODE", "NAMESPACE", "POWER", "CLUSTER NET", "AGENT PID", "AGENT", "QEMUS"],
+          [[n.node, state.layout.node_ns(n.node) if n.namespace else "MISSING",
+            "off" if n.powered_off else "on", "ISOLATED" if n.isolated else "up",
+            n.agent_pid, _agent_state(n), n.qemus] for n in nodes])
+
+
+def _agent_state(n: labmod.NodeHealth) -> str:
+    if n.agent_frozen:
+        return "FROZEN"
+    if n.agent_running:
+        return "running"
+    return "off" if n.powered_off else "NOT RUNNING"
+
+
+@lab.command("fault")
+@click.argument("target")
+@click.argument("action")
+def lab_fault(target: str, action: str) -> None:
+    """Drill a failure. TARGET is a node (node1, ...) or etcd.
+
+    \b
+    NODE power-off      kill -9 every process on the node (agent, QEMUs, ...)
+    NODE power-on       start the node's agent again
+    NODE isolate        cut its cluster-network link (etcd, other nodes); storage stays
+    NODE heal           restore that link
+    NODE freeze-agent   SIGSTOP its agent;  thaw-agent: SIGCONT
+    etcd kill-leader    kill -9 the etcd member that leads
+    etcd start          start the members that are not running (they rejoin)
+
+    `ferry lab up` undoes them all.
+    """
+    click.echo(faults.apply(_state(), target, action))
 
 
 @lab.command("exec", context_settings={"ignore_unknown_options": True})

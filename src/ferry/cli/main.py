@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from ferry import __version__
+from ferry.cli.ha import events
 from ferry.cli.lab import lab
 from ferry.cli.vm import migration, node, vm
 from ferry.model.errors import FerryError
@@ -41,9 +42,24 @@ def agent(config_path: Path, log_level: str) -> None:
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     config = load_config(config_path)
-    asyncio.run(run_agent(config, EtcdStore(list(config.endpoints))))
+    store = EtcdStore(list(config.endpoints), timeout=config.timings.store_timeout_s)
+    asyncio.run(run_agent(config, store))
 
 
+@cli.command(hidden=True)
+@click.option("--run-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--timeout", type=float, required=True, help="Seconds without food.")
+@click.option("--device", type=click.Path(path_type=Path), default=None,
+              help="A hardware watchdog to keep fed while this process runs.")
+def watchdog(run_dir: Path, timeout: float, device: Path | None) -> None:
+    """The node watchdog (the agent starts it): kills HA QEMUs when the agent goes silent."""
+    from ferry.ha.watchdog import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    run(run_dir, timeout=timeout, hw_device=device)
+
+
+cli.add_command(events)
 cli.add_command(lab)
 cli.add_command(node)
 cli.add_command(vm)

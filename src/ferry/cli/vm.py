@@ -13,7 +13,8 @@ from ferry.control import migrations as migs
 from ferry.control import nodes as nodes_ctl
 from ferry.control import vms as vms_ctl
 from ferry.control.client import ClusterClient
-from ferry.model.errors import MigrationFailed
+from ferry.model.errors import InvalidSpec, MigrationFailed
+from ferry.model.ha import HaPolicy, HaPriority
 from ferry.model.migration import MigrationOptions, MigrationPhase
 from ferry.model.vm import parse_size
 
@@ -50,16 +51,26 @@ def vm() -> None:
 @click.option("--vcpus", default=1, show_default=True, type=int)
 @click.option("--disk-size", default="1G", show_default=True)
 @click.option("--volume", default=None, help="Shared volume (default: the cluster's).")
+@click.option("--ha", is_flag=True, help="Highly available: restarted elsewhere if its node dies.")
+@click.option("--priority", type=click.Choice([p.value for p in HaPriority]), default="medium",
+              show_default=True, help="HA recovery priority (with --ha).")
+@click.option("--preferred-nodes", default="", help="HA: nodes to prefer, e.g. node2,node3.")
+@click.option("--kernel-args", default="", help="Extra kernel command line (direct boot).")
 @json_opt
 def vm_create(name: str, memory: str, vcpus: int, disk_size: str, volume: str | None,
+              ha: bool, priority: str, preferred_nodes: str, kernel_args: str,
               as_json: bool) -> None:
     """Create a VM (stopped) with a new disk on a shared volume."""
     mem = parse_size(memory) // 2**20
     disk = parse_size(disk_size, default_unit="G")
+    policy = HaPolicy(priority=HaPriority(priority),
+                      preferred_nodes=split_nodes(preferred_nodes)) if ha else None
+    if not ha and (preferred_nodes or priority != "medium"):
+        raise InvalidSpec("--priority and --preferred-nodes need --ha")
 
     async def go(cl: ClusterClient) -> vms_ctl.VmView:
         await vms_ctl.create_vm(cl, name, memory_mib=mem, vcpus=vcpus, disk_size=disk,
-                                volume=volume)
+                                volume=volume, ha=policy, kernel_args=kernel_args)
         return await vms_ctl.show_vm(cl, name)
 
     view = asyncio.run(with_cluster(go))
@@ -67,7 +78,12 @@ def vm_create(name: str, memory: str, vcpus: int, disk_size: str, volume: str | 
         emit_json(view)
     else:
         click.echo(f"created {name}: {mem} MiB, {vcpus} vCPU, disk {size(disk)} on"
-                   f" {view.volume}{', ip ' + view.ip if view.ip else ''}")
+                   f" {view.volume}{', ip ' + view.ip if view.ip else ''}"
+                   f"{', HA ' + priority if ha else ''}")
+
+
+def split_nodes(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 @vm.command("start")
@@ -120,9 +136,18 @@ def vm_list(as_json: bool) -> None:
     if as_json:
         emit_json(views)
         return
-    table(["NAME", "STATE", "NODE", "IP", "MEMORY", "VCPUS", "UP", "MIGRATION"],
+    table(["NAME", "STATE", "NODE", "IP", "MEMORY", "VCPUS", "UP", "HA", "MIGRATION"],
           [[v.name, v.state.value, v.node, v.ip, f"{v.memory_mib} MiB", v.vcpus, ago(v.since),
+            v.ha.priority.value if v.ha else None,
             f"{v.migration} -> {v.target}" if v.migration else None] for v in views])
+
+
+def ha_text(view: vms_ctl.VmView) -> str | None:
+    if view.ha is None:
+        return None
+    prefers = f", prefers {','.join(view.ha.preferred_nodes)}" if view.ha.preferred_nodes else ""
+    armed = "armed" if view.ha_armed else "not armed yet"
+    return f"{view.ha.priority.value} priority{prefers} ({armed})"
 
 
 @vm.command("show")
@@ -137,7 +162,8 @@ def vm_show(name: str, as_json: bool) -> None:
     for k, v in [("name", view.name), ("state", view.state.value), ("node", view.node),
                  ("ip", view.ip), ("memory", f"{view.memory_mib} MiB"), ("vcpus", view.vcpus),
                  ("pid", view.pid), ("since", clock(view.since)), ("volume", view.volume),
-                 ("disk", view.disk), ("migration", view.migration), ("detail", view.detail)]:
+                 ("disk", view.disk), ("migration", view.migration), ("ha", ha_text(view)),
+                 ("start", view.start_action.value), ("detail", view.detail)]:
         if v not in (None, ""):
             click.echo(f"{k:>10}: {v}")
 

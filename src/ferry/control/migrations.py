@@ -6,7 +6,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ferry.control.client import ClusterClient
 from ferry.control.nodes import node_loads
@@ -55,7 +55,7 @@ async def request_migration(cl: ClusterClient, vm: str, *, to: str,
     mid = secrets.token_hex(4)
     rec = MigrationRecord(id=mid, vm=vm, source=owner.node, target=to,
                           phase=MigrationPhase.QUEUED, created_at=time.time(), options=options)
-    new_owner = replace(owner, migration=mid, target=to)
+    new_owner = owner.amend(rev, migration=mid, target=to)
     res = await cl.store.txn(
         [Compare.unchanged(cl.keys.vm_owner(vm), rev),
          Compare.absent(cl.keys.migration_record(mid))],

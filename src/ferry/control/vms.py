@@ -10,11 +10,13 @@ import time
 from dataclasses import dataclass, replace
 
 from ferry.control.client import ClusterClient
+from ferry.control.ha import check_policy
 from ferry.control.nodes import node_loads
 from ferry.ha.placement import check_fits, choose_node
 from ferry.model import codec
 from ferry.model.cluster import ClusterConfig, Volume
 from ferry.model.errors import Conflict, FerryError, InvalidSpec, NotFound, Timeout
+from ferry.model.ha import HaPolicy, StartAction
 from ferry.model.vm import (
     BootSpec,
     DiskSpec,
@@ -46,10 +48,14 @@ class VmView:
     detail: str = ""
     volume: str = ""
     disk: str = ""
+    ha: HaPolicy | None = None
+    ha_armed: bool = False
+    start_action: StartAction = StartAction.START
 
 
-def vm_state(owner: Owner, status: VmStatus | None) -> VmState:
-    """What users see: the desired power combined with what the owning node reports."""
+def vm_state(owner: Owner, status: VmStatus | None, *, node_up: bool = True) -> VmState:
+    """What users see: the desired power combined with what the owning node reports.
+    A VM meant to run on a node that is down is UNKNOWN: nobody can say what it does."""
     reported = status if status is not None and status.node == owner.node else None
     if owner.power is Power.OFF:
         if reported is not None and reported.state in (VmState.RUNNING, VmState.PAUSED,
@@ -59,27 +65,35 @@ def vm_state(owner: Owner, status: VmStatus | None) -> VmState:
     if owner.migration is not None:
         return VmState.MIGRATING
     if reported is None:
-        return VmState.STARTING
+        return VmState.STARTING if node_up else VmState.UNKNOWN
     return reported.state
 
 
 async def show_vm(cl: ClusterClient, name: str) -> VmView:
     spec = await cl.spec(name)
     owner, _ = await cl.owner(name)
-    return _view(spec, owner, await cl.status(name))
+    up = owner.node is None or await cl.node_up(owner.node)
+    return _view(spec, owner, await cl.status(name), node_up=up)
 
 
-def _view(spec: VmSpec, owner: Owner, status: VmStatus | None) -> VmView:
+def _view(spec: VmSpec, owner: Owner, status: VmStatus | None, *,
+          node_up: bool = True) -> VmView:
     reported = status if status is not None and status.node == owner.node else None
+    state = vm_state(owner, status, node_up=node_up)
+    detail = reported.detail if reported else ""
+    if state is VmState.UNKNOWN:
+        detail = f"its node {owner.node} is down" + (
+            "; HA restarts it elsewhere after the fence delay" if owner.ha else "")
     return VmView(
-        name=spec.name, state=vm_state(owner, status),
+        name=spec.name, state=state,
         node=owner.node if owner.power is Power.ON or reported else None,
         memory_mib=spec.memory_mib, vcpus=spec.vcpus,
         ip=spec.nics[0].ip if spec.nics else None,
         migration=owner.migration, target=owner.target,
         pid=reported.pid if reported else None, since=reported.since if reported else None,
-        detail=reported.detail if reported else "", volume=spec.volume,
-        disk=spec.disks[0].path if spec.disks else "",
+        detail=detail, volume=spec.volume,
+        disk=spec.disks[0].path if spec.disks else "", ha=spec.ha, ha_armed=owner.ha,
+        start_action=spec.start_action,
     )
 
 
@@ -87,8 +101,14 @@ async def list_vms(cl: ClusterClient) -> list[VmView]:
     specs = await cl.all_of(VmSpec, cl.keys.vms, "spec")
     owners = await cl.all_of(Owner, cl.keys.vms, "owner")
     statuses = await cl.all_of(VmStatus, cl.keys.vms, "status")
-    return [_view(s, owners.get(n, Owner(node=None, power=Power.OFF)), statuses.get(n))
-            for n, s in sorted(specs.items())]
+    entries, _ = await cl.store.get_prefix(cl.keys.nodes)
+    up = {e.key for e in entries}
+    views = []
+    for n, s in sorted(specs.items()):
+        owner = owners.get(n, Owner(node=None, power=Power.OFF))
+        node_up = owner.node is None or cl.keys.node_alive(owner.node) in up
+        views.append(_view(s, owner, statuses.get(n), node_up=node_up))
+    return views
 
 
 async def _allocate_ip(cl: ClusterClient, config: ClusterConfig) -> str | None:
@@ -104,7 +124,8 @@ async def _allocate_ip(cl: ClusterClient, config: ClusterConfig) -> str | None:
 
 
 async def create_vm(cl: ClusterClient, name: str, *, memory_mib: int = 256, vcpus: int = 1,
-                    disk_size: int = 1024**3, volume: str | None = None) -> VmSpec:
+                    disk_size: int = 1024**3, volume: str | None = None,
+                    ha: HaPolicy | None = None, kernel_args: str = "") -> VmSpec:
     """Check everything, create the VM's files on its volume, then record it in one txn."""
     check_name("VM", name)
     if await cl.store.get(cl.keys.vm_spec(name)) is not None:
@@ -116,7 +137,10 @@ async def create_vm(cl: ClusterClient, name: str, *, memory_mib: int = 256, vcpu
     uid = secrets.token_hex(6)
     ip = await _allocate_ip(cl, config)
     spec = _new_spec(name, uid=uid, memory_mib=memory_mib, vcpus=vcpus, volume=vol,
-                     disk_size=disk_size, ip=ip, config=config)
+                     disk_size=disk_size, ip=ip, config=config, kernel_args=kernel_args)
+    if ha is not None:
+        await check_policy(cl, spec, ha)
+        spec = replace(spec, ha=ha, start_action=StartAction.NONE)
     spec.check()
     _check_boot(spec)
     await create_vm_files(vol, name, disk_size=disk_size, config_json=codec.encode(spec))
@@ -143,11 +167,14 @@ async def _volume(cl: ClusterClient, config: ClusterConfig, name: str | None) ->
 
 
 def _new_spec(name: str, *, uid: str, memory_mib: int, vcpus: int, volume: Volume,
-              disk_size: int, ip: str | None, config: ClusterConfig) -> VmSpec:
+              disk_size: int, ip: str | None, config: ClusterConfig,
+              kernel_args: str = "") -> VmSpec:
     d = vm_dir(volume, name)
     boot = None
+    if kernel_args and config.boot_image is None:
+        raise InvalidSpec("kernel arguments need a cluster boot image (direct kernel boot)")
     if config.boot_image is not None:
-        args = [config.boot_image.cmdline, f"ferry.hostname={name}"]
+        args = [config.boot_image.cmdline, f"ferry.hostname={name}", kernel_args]
         if ip is not None and config.vm_network is not None:
             prefix = ipaddress.ip_network(config.vm_network.subnet).prefixlen
             args.append(f"ferry.ip={ip}/{prefix}")
@@ -185,7 +212,7 @@ async def start_vm(cl: ClusterClient, name: str, *, node: str | None = None) -> 
             raise NotFound(f"node {node!r} does not exist")
         check_fits(by_name[node], spec.memory_mib)
     else:
-        node = choose_node(loads, spec.memory_mib)
+        node = choose_node(loads, spec.memory_mib, spec.ha.preferred_nodes if spec.ha else ())
     new = Owner(node=node, power=Power.ON)
     res = await cl.store.txn([Compare.unchanged(cl.keys.vm_owner(name), rev)],
                              [Put(cl.keys.vm_owner(name), codec.encode(new))])
@@ -213,9 +240,12 @@ async def wait_started(cl: ClusterClient, name: str, *, token: int, timeout: flo
 
 
 async def _power_off_after_failure(cl: ClusterClient, name: str, rev: int) -> None:
-    owner, _ = await cl.owner(name)
+    owner, current = await cl.owner(name)
+    if current != rev:
+        return  # someone else changed the VM since: theirs is the newer intent
+    off = owner.amend(rev, power=Power.OFF)
     await cl.store.txn([Compare.unchanged(cl.keys.vm_owner(name), rev)],
-                       [Put(cl.keys.vm_owner(name), codec.encode(replace(owner, power=Power.OFF)))])
+                       [Put(cl.keys.vm_owner(name), codec.encode(off))])
 
 
 async def stop_vm(cl: ClusterClient, name: str, *, force: bool = False) -> None:
@@ -225,7 +255,7 @@ async def stop_vm(cl: ClusterClient, name: str, *, force: bool = False) -> None:
         raise Conflict(f"VM {name} is migrating ({owner.migration}); cancel the migration first")
     if owner.power is Power.OFF and not force:
         raise Conflict(f"VM {name} is not running")
-    new = replace(owner, power=Power.OFF, force=force)
+    new = owner.amend(rev, power=Power.OFF, force=force)
     res = await cl.store.txn([Compare.unchanged(cl.keys.vm_owner(name), rev)],
                              [Put(cl.keys.vm_owner(name), codec.encode(new))])
     if not res.succeeded:

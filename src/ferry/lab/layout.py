@@ -1,6 +1,8 @@
 """Pure: the names and addresses of a lab. Builds nothing.
 
-    root namespace: bridges <tag>-cl (cluster network, the host has .1 there and runs etcd),
+    root namespace: bridges <tag>-cl (cluster network; the host has .1 there and runs the
+                    three etcd members on it, client ports 2379/2381/2383, peer ports
+                    2380/2382/2384, data under /dev/shm),
                     <tag>-mig and <tag>-mig2 (migration networks, no gateway), <tag>-lan
                     (the shared LAN that every node's vmswitch is uplinked to)
     <name>-nodeN:   cl0, mig0, mig1 (veths to the root bridges), vmswitch with uplink0
@@ -9,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,22 @@ from ferry.model.errors import LabError
 LAB_ROOT = Path("/var/lib/ferry-lab")
 SHM_ROOT = Path("/dev/shm/ferry-lab")
 BRIDGE = "vmswitch"
+ETCD_MEMBERS = 3  # the smallest cluster that keeps a quorum when one member dies
+ETCD_CLIENT_PORT = 2379  # member i (0-based) listens on 2379 + 2i, its peers on 2380 + 2i
+
+
+@dataclass(frozen=True)
+class EtcdMember:
+    index: int  # 0-based: the position in LabState.etcd_pids
+    name: str  # etcd1, etcd2, ...
+    client_url: str
+    peer_url: str
+    data_dir: Path
+
+    @property
+    def marker(self) -> str:
+        """What its command line contains, and no other member's (the space ends the path)."""
+        return f"{self.data_dir} "
 
 
 @dataclass(frozen=True)
@@ -48,6 +67,16 @@ class LabLayout:
             raise LabError("a lab has 1 to 9 nodes")
         if not (self.tag.isalnum() and len(self.tag) <= 4):
             raise LabError("the lab tag must be 1-4 letters or digits")
+
+    @staticmethod
+    def for_name(name: str, *, nodes: int = 3) -> LabLayout:
+        """The default lab keeps its addresses (tag fy, 10.77-80); any other name gets its
+        own tag and subnets derived from the name, so two labs can be up side by side."""
+        if name == "ferry":
+            return LabLayout(name=name, nodes=nodes)
+        digest = hashlib.sha1(name.encode()).digest()
+        return LabLayout(name=name, nodes=nodes, tag="l" + digest.hex()[:3],
+                         octet=104 + (digest[3] % 33) * 4)
 
     @property
     def dir(self) -> Path:
@@ -83,8 +112,35 @@ class LabLayout:
         return f"{self.cluster.subnet_prefix}.1"
 
     @property
-    def etcd_url(self) -> str:
-        return f"http://{self.host_address}:2379"
+    def etcd_members(self) -> tuple[EtcdMember, ...]:
+        h = self.host_address
+        return tuple(
+            EtcdMember(index=i, name=f"etcd{i + 1}",
+                       client_url=f"http://{h}:{ETCD_CLIENT_PORT + 2 * i}",
+                       peer_url=f"http://{h}:{ETCD_CLIENT_PORT + 2 * i + 1}",
+                       data_dir=self.shm_dir / f"etcd{i + 1}")
+            for i in range(ETCD_MEMBERS))
+
+    @property
+    def etcd_urls(self) -> list[str]:
+        """Every member's client URL: what agents and the CLI are given."""
+        return [m.client_url for m in self.etcd_members]
+
+    def etcd_argv(self, member: EtcdMember) -> list[str]:
+        """The member's command line. With a data dir from an earlier start, etcd ignores the
+        --initial-* flags and rejoins as the member it was."""
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.etcd_members)
+        return [
+            "etcd", "--name", member.name, "--data-dir", str(member.data_dir),
+            "--listen-client-urls", member.client_url,
+            "--advertise-client-urls", member.client_url,
+            "--listen-peer-urls", member.peer_url,
+            "--initial-advertise-peer-urls", member.peer_url,
+            "--initial-cluster", initial, "--initial-cluster-state", "new",
+            "--initial-cluster-token", self.name,
+            "--heartbeat-interval", "100", "--election-timeout", "1000",
+            "--auto-compaction-mode", "revision", "--auto-compaction-retention", "10000",
+        ]
 
     @property
     def client_ns(self) -> str:
@@ -137,10 +193,11 @@ class LabLayout:
         migs = "".join(
             f'\n[[network.migration]]\nname = "{n.name}"\naddress = "{n.node_address(i)}"\n'
             for n in self.migration_networks)
+        endpoints = ", ".join(f'"{url}"' for url in self.etcd_urls)
         return (
             f'[node]\nname = "{node}"\ncluster = "{cluster}"\nbridge = "{BRIDGE}"\n'
             f'run_dir = "{self.run_dir(node)}"\n\n'
-            f'[store]\nendpoints = ["{self.etcd_url}"]\n\n'
+            f'[store]\nendpoints = [{endpoints}]\n\n'
             f'[network]\ncluster_address = "{self.cluster.node_address(i)}"\n{migs}\n'
             '[qemu]\naccel = "tcg"\n\n'
             '[timing]\nlease_ttl = 4\nresync_s = 2.0\nstop_timeout_s = 30.0\n'

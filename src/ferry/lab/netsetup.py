@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from ferry.lab.layout import BRIDGE, LabLayout, Network
 from ferry.shell import CommandFailed, run_sync
@@ -24,6 +25,28 @@ def link_exists(name: str, *, ns: str | None = None) -> bool:
 def namespaces() -> set[str]:
     out = run_sync("ip", "netns", "list", check=False)
     return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def namespace_pids(ns: str) -> list[int]:
+    """Every process in network namespace ``ns`` (none if it does not exist)."""
+    out = run_sync("ip", "netns", "pids", ns, check=False)
+    return [int(w) for w in out.split() if w.isdigit()]
+
+
+def link_names(ns: str) -> list[str]:
+    """The interfaces in ``ns``, by name (``ip -o link`` prints "N: name@peer: <...> ...")."""
+    out = ip("-o", "link", "show", ns=ns, check=False)
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()
+            if line.count(":") >= 2]
+
+
+def link_is_up(name: str) -> bool | None:
+    """Whether root-namespace link ``name`` is administratively up; None if it is missing."""
+    try:
+        flags = int(Path(f"/sys/class/net/{name}/flags").read_text(), 16)
+    except (OSError, ValueError):
+        return None
+    return bool(flags & 0x1)  # IFF_UP
 
 
 def _sysctl(key: str, value: str, *, ns: str | None = None) -> None:
@@ -105,13 +128,16 @@ def set_link(layout: LabLayout, node: str, network: str, *, up: bool) -> None:
     ip("link", "set", "dev", peer, "up" if up else "down")
 
 
+def lab_namespaces(layout: LabLayout) -> list[str]:
+    """The lab's namespaces that exist (also nodes beyond ``layout.nodes`` of an older build)."""
+    return sorted(ns for ns in namespaces()
+                  if ns == layout.client_ns or re.fullmatch(rf"{layout.name}-node\d+", ns))
+
+
 def teardown(layout: LabLayout) -> list[str]:
     """Remove every namespace and link of the lab; return what was removed."""
     removed = []
-    present = namespaces()
-    mine = sorted(ns for ns in present
-                  if ns == layout.client_ns or re.fullmatch(rf"{layout.name}-node\d+", ns))
-    for ns in mine:
+    for ns in lab_namespaces(layout):
         run_sync("ip", "netns", "delete", ns, check=False)
         removed.append(f"namespace {ns}")
     # Deleting a namespace deletes the veth ends in it, and with them their root peers; a

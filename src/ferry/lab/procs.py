@@ -31,17 +31,33 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def stat_state(stat: str) -> str:
+    """The state letter of a /proc/PID/stat line (R, S, T stopped, Z zombie, ...). The command
+    name before it is in parentheses and may itself hold spaces and parentheses."""
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def proc_state(pid: int) -> str | None:
+    try:
+        return stat_state(Path(f"/proc/{pid}/stat").read_text())
+    except (OSError, IndexError):
+        return None
+
+
 def is_running(pid: int | None, marker: str) -> bool:
+    """True for a live process (also a stopped one) whose command line holds ``marker``."""
     if not pid:
         return False
     line = cmdline(pid)
     if not line or marker not in line:
         return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    state = proc_state(pid)
+    return state is not None and state != "Z"
+
+
+def is_stopped(pid: int | None, marker: str) -> bool:
+    """Stopped by SIGSTOP (what the lab's freeze does)."""
+    return is_running(pid, marker) and pid is not None and proc_state(pid) == "T"
 
 
 def _reap(pid: int) -> None:
@@ -57,6 +73,7 @@ def stop(pid: int | None, marker: str, *, timeout: float = 5.0) -> bool:
         return False
     try:
         os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGCONT)  # a frozen process acts on SIGTERM only once continued
     except ProcessLookupError:
         return True
     deadline = time.monotonic() + timeout
@@ -82,6 +99,21 @@ def kill(pid: int | None, marker: str, *, sig: int = signal.SIGKILL) -> bool:
             break
         time.sleep(0.02)
     return True
+
+
+def kill_all(pids: list[int]) -> list[int]:
+    """SIGKILL each PID, without a marker check: for the processes of a namespace, which are
+    all the lab's by construction. Returns those that were signalled."""
+    killed = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        killed.append(pid)
+    for pid in killed:
+        _reap(pid)  # our own children (agents the lab started here) would stay zombies
+    return killed
 
 
 def qemu_pids(run_dir: Path) -> list[int]:

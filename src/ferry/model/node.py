@@ -34,6 +34,9 @@ class NodeInfo:
     accel: str
     version: str
     started_at: float
+    lease_ttl: int = 0
+    watchdog_s: float = 0.0  # the node's watchdog kills its HA VMs this long after a hang
+    fence_delay_s: float = 0.0  # what this node waits, as manager, before recovering
 
 
 @dataclass(frozen=True)

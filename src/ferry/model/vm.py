@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ferry.model.errors import InvalidSpec
+from ferry.model.ha import HaPolicy, StartAction
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 MIN_MEMORY_MIB = 32
@@ -80,6 +81,8 @@ class VmSpec:
     machine: str = "pc"
     cpu_model: str | None = None
     created_at: float = 0.0
+    ha: HaPolicy | None = None
+    start_action: StartAction = StartAction.START
 
     def check(self) -> None:
         """Raise InvalidSpec if this spec could not boot; changes nothing."""
@@ -98,6 +101,12 @@ class VmSpec:
         for nic in self.nics:
             if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", nic.mac):
                 raise InvalidSpec(f"VM {self.name}: bad MAC address {nic.mac!r}")
+        if self.ha is not None and self.start_action is not StartAction.NONE:
+            raise InvalidSpec(f"VM {self.name} is highly available: its start action is"
+                              " 'none' (only the cluster decides where it starts)")
+        if self.ha is not None:
+            for node in self.ha.preferred_nodes:
+                check_name("node", node)
 
     def tap_name(self, index: int) -> str:
         """The tap device of NIC ``index``: the same on every node, so migration finds it."""
@@ -106,9 +115,17 @@ class VmSpec:
 
 @dataclass(frozen=True)
 class Owner:
-    """Which node may run the VM, and whether it should run. Its mod_revision is the token.
+    """Which node may run the VM, and whether it should run.
+
+    ``granted`` is the store revision of the write that made ``node`` the owner: the VM's
+    fencing token. A write that hands the VM to a node leaves it 0, meaning "this record's
+    own mod_revision"; every later write that keeps the node (power, migration flags, HA)
+    carries the token forward with ``amend``. Tokens only grow, so a QEMU started under an
+    older token is recognisably stale.
 
     During a migration ``migration`` and ``target`` are set and the source still owns it.
+    ``ha`` is true once the owning node has armed HA protection for the VM (its watchdog and
+    self-fencing will kill the VM's QEMU); only then may the manager restart it elsewhere.
     """
 
     node: str | None
@@ -116,6 +133,17 @@ class Owner:
     migration: str | None = None
     target: str | None = None
     force: bool = False
+    granted: int = 0
+    ha: bool = False
+
+    def token(self, mod_revision: int) -> int:
+        return self.granted or mod_revision
+
+    def amend(self, mod_revision: int, **changes: object) -> Owner:
+        """This record changed in ``changes`` with the same node and fencing token."""
+        if "node" in changes and changes["node"] != self.node:
+            raise ValueError("amend keeps the owner; a new owner is a new grant")
+        return replace(self, granted=self.token(mod_revision), **changes)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,12 @@ class RunPaths:
     def pidfile(self) -> Path:
         return self.dir / "qemu.pid"
 
+    @property
+    def ha_marker(self) -> Path:
+        """Exists while the VM is armed for HA: the node's watchdog and its self-fencing
+        kill this QEMU. Written before QEMU starts (or before the store hears it is armed)."""
+        return self.dir / "ha"
+
 
     @property
     def log(self) -> Path:

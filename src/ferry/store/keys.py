@@ -6,6 +6,9 @@
       vms/<vm>/status               VmStatus, written by the node running it, on its lease
       nodes/<node>/info             NodeInfo (persistent, so a down node is still listed)
       nodes/<node>/alive            on the node's lease: the node is up while it exists
+      nodes/<node>/fenced           FenceRecord: the manager took the node's VMs away
+      nodes/<node>/paused           exists while an operator paused the node (no placement)
+      manager                       the elected manager's node name, on its lease
       migrations/<id>/record        MigrationRecord (phases, timeline, outcome)
       migrations/<id>/progress      the latest MigrationProgress sample (frequent writes)
       migrations/<id>/cancel        exists once a cancel was requested (create-if-absent)
@@ -57,6 +60,16 @@ class Keys:
     def node_alive(self, node: str) -> str:
         return f"{self.nodes}{node}/alive"
 
+    def node_fenced(self, node: str) -> str:
+        return f"{self.nodes}{node}/fenced"
+
+    def node_paused(self, node: str) -> str:
+        return f"{self.nodes}{node}/paused"
+
+    @property
+    def manager(self) -> str:
+        return self.root + "manager"
+
     # -- migrations
     @property
     def migrations(self) -> str:
@@ -103,6 +116,10 @@ class Keys:
     @property
     def events(self) -> str:
         return self.root + "events/"
+
+    def event(self, at: float, origin: str) -> str:
+        """Event keys sort by time: nanoseconds, zero-padded, then who wrote it."""
+        return f"{self.events}{int(at * 1e9):020d}-{origin}"
 
     def parse(self, key: str) -> tuple[str, str, str] | None:
         """Split a key under root into (kind, name, leaf), e.g. ('vms', 'vm1', 'owner');

@@ -308,3 +308,25 @@ async def test_ha_settings_refuse_bad_input_and_change_nothing(
         assert res.code == 0 and (await cl.spec("ha-cli")).ha is None
     finally:
         await vms_ctl.delete_vm(cl, "ha-cli")
+
+
+async def test_a_paused_node_gets_no_vm_placed_by_the_cluster(
+        lab: labmod.LabState, cl: ClusterClient) -> None:
+    for node in ("node1", "node2"):
+        res = await asyncio.to_thread(ferry, "node", "pause", node)
+        assert res.code == 0, res.err
+    try:
+        res = await asyncio.to_thread(ferry, "node", "list")
+        assert "node1  paused" in res.out and "node3  up" in res.out, res.out
+        res = await asyncio.to_thread(ferry, "node", "pause", "node1")
+        assert res.code != 0 and "already paused" in res.err
+        await vms_ctl.create_vm(cl, "ha-paused")
+        res = await asyncio.to_thread(ferry, "vm", "start", "ha-paused")
+        assert res.code == 0 and "running on node3" in res.out, (res.out, res.err)
+    finally:
+        for node in ("node1", "node2"):
+            await asyncio.to_thread(ferry, "node", "resume", node)
+        with contextlib.suppress(FerryError):
+            await vms_ctl.destroy_vm(cl, "ha-paused")
+    res = await asyncio.to_thread(ferry, "node", "list")
+    assert "paused" not in res.out

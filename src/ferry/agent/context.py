@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -119,6 +120,12 @@ class AgentContext:
         raise Conflict(f"migration {mid}: could not record its end")
 
     # -- VM status, on this node's lease so it vanishes with the node
+    async def withdraw_status(self, vm: str, status: VmStatus) -> None:
+        """Remove ``status`` if it is still the one in the store (not a newer one)."""
+        key = self.keys.vm_status(vm)
+        with contextlib.suppress(StoreError):
+            await self.store.txn([Compare.value_is(key, codec.encode(status))], [Delete(key)])
+
     async def report_status(self, vm: str, status: VmStatus | None) -> None:
         key = self.keys.vm_status(vm)
         if status is not None:

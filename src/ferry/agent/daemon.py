@@ -26,7 +26,7 @@ from ferry.agent.runtime import Role, Runtime
 from ferry.agent.view import StoreView
 from ferry.ha.manager import Manager
 from ferry.model import codec
-from ferry.model.errors import FerryError, StoreError
+from ferry.model.errors import FerryError, StoreError, Unavailable
 from ferry.model.vm import Owner, Power, VmState, VmStatus
 from ferry.qemu.argv import Hardware
 from ferry.store.base import ClusterStore, Compare, Put
@@ -203,19 +203,31 @@ class Agent:
 
     async def _start(self, vm: str, token: int) -> None:
         """Start only if the store (read now, not from the watch copy) still says so, and
-        while this node's lease is valid."""
+        while this node's lease is valid.
+
+        The STARTING status is written *before* the owner record is read: a stop the read
+        does not see comes later, and then finds this status and reads "stopping" until the
+        QEMU is gone — so nobody starts the VM elsewhere meanwhile."""
         ctx = self.ctx
-        entry = await ctx.store.get(ctx.keys.vm_owner(vm))
         spec = ctx.view.spec(vm)
-        if entry is None or spec is None:
+        if spec is None:
             return
-        owner = codec.decode(Owner, entry.value)
-        if owner.node != self.config.node or owner.power is not Power.ON or owner.token(
-                entry.mod_revision) != token or not self.membership.guard.valid():
+        me = self.config.node
+        starting = VmStatus(node=me, state=VmState.STARTING, token=token, since=time.time())
+        await ctx.report_status(vm, starting)
+        entry = await ctx.store.get(ctx.keys.vm_owner(vm))
+        owner = codec.decode(Owner, entry.value) if entry is not None else None
+        if owner is None or entry is None or owner.node != me or owner.power is not Power.ON \
+                or owner.token(entry.mod_revision) != token or not self.membership.guard.valid():
+            await ctx.withdraw_status(vm, starting)
             return  # the owner record moved on since the snapshot: the next cycle decides
         try:
             local = await ctx.runtime.start(spec, hw=ctx.hardware, token=token, ha=owner.ha,
-                                            tag=f"{self.config.node}:{token}")
+                                            tag=f"{me}:{token}",
+                                            may_start=self.membership.guard.valid)
+        except Unavailable:
+            await ctx.withdraw_status(vm, starting)
+            return
         except FerryError as err:
             attempts = self.failures.get(vm, (0, 0.0))[0]
             delay = START_BACKOFF_S[min(attempts, len(START_BACKOFF_S) - 1)]

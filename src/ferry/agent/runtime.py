@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ferry.model import codec
-from ferry.model.errors import FerryError, QemuError
+from ferry.model.errors import FerryError, QemuError, Unavailable
 from ferry.model.vm import VmSpec
 from ferry.network.tap import delete_tap, ensure_tap
 from ferry.qemu.argv import Hardware, RunPaths, build_argv
@@ -101,11 +101,14 @@ class Runtime:
         return adopted
 
     async def start(self, spec: VmSpec, *, hw: Hardware, token: int, role: Role = Role.PRIMARY,
-                    migration: str | None = None, ha: bool = False, tag: str = "") -> LocalVm:
+                    migration: str | None = None, ha: bool = False, tag: str = "",
+                    may_start: Callable[[], bool] = lambda: True) -> LocalVm:
         """Create the taps, spawn QEMU (paused for an incoming migration), attach QMP.
 
         ``ha``: the HA marker exists before QEMU does, so no armed VM ever runs unguarded.
         ``tag``: told to a direct-boot guest as ``ferry.tag=`` (who runs it, under which token).
+        ``may_start``: asked once more just before QEMU is spawned (the preparation takes
+        time, during which the node may have lost its lease); Unavailable if it says no.
         """
         if spec.name in self.vms:
             raise QemuError(f"VM {spec.name} already has a QEMU on this node")
@@ -125,6 +128,9 @@ class Runtime:
         paths.meta.write_text(codec.encode(meta))
         argv = build_argv(spec, hw=hw, paths=paths, binary=self.qemu_binary,
                           incoming=role is Role.INCOMING)
+        if not may_start():
+            await self._remove_taps(spec)
+            raise Unavailable(f"VM {spec.name}: not started, this node may no longer run it")
         try:
             proc = await spawn(argv, paths=paths)
         except QemuError:

@@ -90,10 +90,13 @@ def split_nodes(text: str) -> tuple[str, ...]:
 @click.argument("name")
 @click.option("--node", "node_name", default=None, help="Node to run on (default: best fit).")
 @click.option("--no-wait", is_flag=True)
-def vm_start(name: str, node_name: str | None, no_wait: bool) -> None:
+@click.option("--force", is_flag=True,
+              help="Start it elsewhere although its last node is down (only if that node is"
+                   " known to be off: it might still run the VM).")
+def vm_start(name: str, node_name: str | None, no_wait: bool, force: bool) -> None:
     """Start a stopped VM."""
     async def go(cl: ClusterClient) -> str:
-        token = await vms_ctl.start_vm(cl, name, node=node_name)
+        token = await vms_ctl.start_vm(cl, name, node=node_name, force=force)
         if no_wait:
             owner, _ = await cl.owner(name)
             return f"starting {name} on {owner.node}"

@@ -59,7 +59,7 @@ def vm_state(owner: Owner, status: VmStatus | None, *, node_up: bool = True) -> 
     reported = status if status is not None and status.node == owner.node else None
     if owner.power is Power.OFF:
         if reported is not None and reported.state in (VmState.RUNNING, VmState.PAUSED,
-                                                       VmState.STOPPING):
+                                                       VmState.STOPPING, VmState.STARTING):
             return VmState.STOPPING
         return VmState.STOPPED
     if owner.migration is not None:
@@ -196,7 +196,8 @@ def _check_boot(spec: VmSpec) -> None:
                 raise InvalidSpec(f"VM {spec.name} would not boot: {f} is missing")
 
 
-async def start_vm(cl: ClusterClient, name: str, *, node: str | None = None) -> int:
+async def start_vm(cl: ClusterClient, name: str, *, node: str | None = None,
+                   force: bool = False) -> int:
     """Make ``node`` (or the best node) the owner with power on; returns the owner revision."""
     spec = await cl.spec(name)
     owner, rev = await cl.owner(name)
@@ -213,12 +214,29 @@ async def start_vm(cl: ClusterClient, name: str, *, node: str | None = None) -> 
         check_fits(by_name[node], spec.memory_mib)
     else:
         node = choose_node(loads, spec.memory_mib, spec.ha.preferred_nodes if spec.ha else ())
+    if owner.node is not None and owner.node != node and not force:
+        await _check_left(cl, name, owner)
     new = Owner(node=node, power=Power.ON)
     res = await cl.store.txn([Compare.unchanged(cl.keys.vm_owner(name), rev)],
                              [Put(cl.keys.vm_owner(name), codec.encode(new))])
     if not res.succeeded:
         raise Conflict(f"VM {name} changed while starting it; try again")
     return res.revision
+
+
+async def _check_left(cl: ClusterClient, name: str, owner: Owner) -> None:
+    """Moving a stopped VM to another node needs its last node to have stopped it: a node
+    that is down (cut off, hung) may still run it unseen. A fenced node has killed its
+    armed HA VMs; nothing else is known to be dead."""
+    assert owner.node is not None
+    if await cl.node_up(owner.node):
+        return
+    fenced = await cl.store.get(cl.keys.node_fenced(owner.node)) is not None
+    if owner.ha and fenced:
+        return
+    raise Conflict(f"VM {name} last ran on {owner.node}, which is down: it may still run"
+                   f" there unseen. Start it again when {owner.node} is back (or on"
+                   f" {owner.node}); if you know {owner.node} is off, use --force")
 
 
 async def wait_started(cl: ClusterClient, name: str, *, token: int, timeout: float = 120) -> VmView:

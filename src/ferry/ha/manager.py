@@ -127,6 +127,8 @@ class Manager:
             if current.value == self.node and current.create_revision == self.term:
                 self._become(ManagerState.ACTIVE, "holds the manager key")
                 return True
+            if current.value == self.node and lease and await self._adopt(lease):
+                return True
             self._become(ManagerState.STANDBY, f"{current.value} is manager")
             return False
         if lease == 0:
@@ -145,6 +147,21 @@ class Manager:
         self.down_since.clear()
         await self._write([self.event(EventKind.MANAGER, f"{self.node} is the manager",
                                       node=self.node)])
+        return True
+
+    async def _adopt(self, lease: int) -> bool:
+        """Our name on the key, but not our term: a campaign whose answer was lost (applied,
+        then the reply timed out), or a key of an earlier run of this agent. It is ours if
+        it is bound to our current lease (read from the store: the watch copy has no lease)."""
+        try:
+            entry = await self.store.get(self.keys.manager)
+        except StoreError:
+            return False
+        if entry is None or entry.value != self.node or entry.lease != lease:
+            return False
+        self.term = entry.create_revision
+        self._become(ManagerState.ACTIVE, f"adopted its own key, term {self.term}")
+        self.down_since.clear()
         return True
 
     async def _act(self, action: rv.ManagerAction, entries: Mapping[str, Entry]) -> None:

@@ -102,6 +102,7 @@ def run(run_dir: Path, *, timeout: float, hw_device: Path | None = None) -> None
 
     signal.signal(signal.SIGTERM, on_term)
     fed_at: float | None = None  # disarmed until the first feed
+    starved = False
     log.info("watchdog: pid %d, timeout %.1fs, %s", os.getpid(), timeout,
              f"hardware watchdog {hw_device}" if hw is not None else "no hardware watchdog")
     try:
@@ -112,11 +113,16 @@ def run(run_dir: Path, *, timeout: float, hw_device: Path | None = None) -> None
             if hw is not None:
                 os.write(hw, b"\0")
             if fed_at is not None and time.monotonic() - fed_at > timeout:
-                starved = time.monotonic() - fed_at
+                # Until fed again, every HA QEMU that appears goes too: a start the agent
+                # began before it hung may spawn one late.
                 killed = kill_ha_qemus(paths.vms)
-                log.error("watchdog: agent silent for %.1fs: killed %s", starved,
-                          ", ".join(f"{vm} (pid {pid})" for vm, pid in killed) or "no HA QEMU")
-                fed_at = None  # disarmed until the agent feeds again
+                if killed or not starved:
+                    log.error("watchdog: agent silent for %.1fs: killed %s",
+                              time.monotonic() - fed_at, ", ".join(
+                                  f"{vm} (pid {pid})" for vm, pid in killed) or "no HA QEMU")
+                starved = True
+            else:
+                starved = False
     finally:
         if hw is not None:
             os.write(hw, b"V")  # magic close: a clean stop does not reset the host

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ferry.model.policy import MigrationLimits, MigrationPolicy
+
 
 @dataclass(frozen=True)
 class Volume:
@@ -37,3 +39,6 @@ class ClusterConfig:
     boot_image: BootImage | None = None
     vm_network: VmNetwork | None = None
     bridge: str = "vmswitch"
+    migration_policy: MigrationPolicy = MigrationPolicy()
+    migration_limits: MigrationLimits = MigrationLimits()
+    migration_networks: tuple[str, ...] = ()  # priority order; empty: the nodes' own order

@@ -8,7 +8,10 @@ import logging
 from dataclasses import dataclass
 
 from ferry.model.errors import Conflict
+from ferry.model.policy import MigrationLimits, MigrationPolicy, PolicyKind
 from ferry.model.vm import VmSpec
+
+__all__ = ["MigrationLimits", "MigrationPolicy", "PolicyKind"]  # re-exported
 
 log = logging.getLogger("ferry.migration")
 
@@ -76,7 +79,11 @@ class MigrationOptions:
 
     max_bandwidth: int = 0  # bytes/s; 0: no limit beyond the link
     downtime_limit_ms: int = 50
-    priority: int = 0
+    priority: int = 0  # higher first in the scheduler's queue
+    policy: MigrationPolicy | None = None  # None: the VM's, else the cluster's
+    quick: bool = False  # pause, save to the shared volume, restore on the target
+    network: str | None = None  # force one migration network
+    allow_gateway: bool = False  # permit a network with a default gateway
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,8 @@ class MigrationRecord:
     target_released_at: float | None = None  # target QEMU gone after a failure/cancel
     finished_at: float | None = None
     summary: MigrationSummary | None = None
+    admitted_at: float | None = None  # the scheduler let it start (QUEUED until then)
+    postcopy_at: float | None = None  # switched to post-copy: the point of no return
 
     @property
     def committed(self) -> bool:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from ferry.model.errors import InvalidSpec
 from ferry.model.ha import HaPolicy, StartAction
+from ferry.model.policy import MigrationPolicy
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 MIN_MEMORY_MIB = 32
@@ -83,6 +84,7 @@ class VmSpec:
     created_at: float = 0.0
     ha: HaPolicy | None = None
     start_action: StartAction = StartAction.START
+    migration_policy: MigrationPolicy | None = None
 
     def check(self) -> None:
         """Raise InvalidSpec if this spec could not boot; changes nothing."""

@@ -250,3 +250,18 @@ def test_unsafe_ha_timings_are_refused(timing: dict[str, float], complaint: str)
     d = doc()
     d["timing"] = timing
     assert complaint in fails(d)
+
+
+def test_the_cluster_network_is_named_cluster_unless_configured() -> None:
+    assert parse_config(doc()).cluster_network == "cluster"
+    d = doc(FULL)
+    d["network"]["cluster_name"] = "backbone"
+    assert parse_config(d).cluster_network == "backbone"
+
+
+@pytest.mark.parametrize("clash", ["cluster", "migration"])
+def test_network_names_are_unique(clash: str) -> None:
+    d = doc(FULL)
+    d["network"]["migration"][1]["name"] = clash
+    assert fails(d) == (f"node1.toml [network]: network name {clash!r} is empty or used twice"
+                        " (the cluster network is 'cluster_name', default 'cluster')")

@@ -487,6 +487,9 @@ async def test_a_new_start_after_a_stop_is_a_new_grant(c: Cluster) -> None:
     await vm(c)
     first = await start_vm(c.cl, "vm1", node="node1")
     await stop_vm(c.cl, "vm1")
+    with pytest.raises(Conflict, match="still stopping"):  # node1 has not released it yet
+        await start_vm(c.cl, "vm1", node="node1")
+    await c.set_owner("vm1", Owner(node=None, power=Power.OFF))  # node1's agent releases it
     second = await start_vm(c.cl, "vm1", node="node1")
     e = await owner_entry(c)
     owner = codec.decode(Owner, e.value)

@@ -163,8 +163,15 @@ async def test_request_with_bad_options_is_invalid(c: Cluster, opts: MigrationOp
 # --- cancel --------------------------------------------------------------------------
 
 
+async def admitted(c: Cluster, rec: MigrationRecord) -> MigrationRecord:
+    """As the cluster manager leaves it when the scheduler lets it start."""
+    rec = replace(rec, admitted_at=rec.created_at + 1)
+    await c.put_record(rec)
+    return rec
+
+
 async def test_cancel_creates_the_cancel_key(c: Cluster) -> None:
-    rec = await request_migration(c.cl, "vm1", to="node2")
+    rec = await admitted(c, await request_migration(c.cl, "vm1", to="node2"))
     rev = c.revision
     got = await cancel_migration(c.cl, rec.id)
     assert got == rec
@@ -175,7 +182,7 @@ async def test_cancel_creates_the_cancel_key(c: Cluster) -> None:
 
 
 async def test_a_second_cancel_is_idempotent(c: Cluster) -> None:
-    rec = await request_migration(c.cl, "vm1", to="node2")
+    rec = await admitted(c, await request_migration(c.cl, "vm1", to="node2"))
     await cancel_migration(c.cl, rec.id)
     cancel = await c.store.get(c.keys.migration_cancel(rec.id))
     rev = c.revision

@@ -446,8 +446,10 @@ async def test_delete_unknown_vm_is_not_found(c: Cluster) -> None:
 @pytest.mark.parametrize(("owner", "status", "state"), [
     (Owner(node=None, power=Power.OFF), None, VmState.STOPPED),
     (Owner(node="n1", power=Power.OFF), VmStatus("n1", VmState.RUNNING, 1), VmState.STOPPING),
-    (Owner(node="n1", power=Power.OFF), VmStatus("n1", VmState.FAILED, 1), VmState.STOPPED),
-    (Owner(node="n1", power=Power.OFF), VmStatus("n2", VmState.RUNNING, 1), VmState.STOPPED),
+    # Off but not yet released by its node: still stopping, whatever the status says.
+    (Owner(node="n1", power=Power.OFF), VmStatus("n1", VmState.FAILED, 1), VmState.STOPPING),
+    (Owner(node="n1", power=Power.OFF), VmStatus("n2", VmState.RUNNING, 1), VmState.STOPPING),
+    (Owner(node="n1", power=Power.OFF), None, VmState.STOPPING),
     (Owner(node="n1", power=Power.ON), None, VmState.STARTING),
     (Owner(node="n1", power=Power.ON), VmStatus("n2", VmState.RUNNING, 1), VmState.STARTING),
     (Owner(node="n1", power=Power.ON), VmStatus("n1", VmState.PAUSED, 1), VmState.PAUSED),

@@ -7,10 +7,12 @@ import pytest
 from ferry.model.errors import QemuError
 from ferry.qemu.monitor import (
     MigrateInfo,
+    MigrationParameters,
     QmpEvent,
     outgoing_status,
     parse_event,
     parse_migrate_info,
+    parse_migrate_parameters,
 )
 
 RAM = {"total": 268_500_992, "transferred": 100_000_000, "remaining": 150_000_000,
@@ -165,3 +167,20 @@ def test_event_without_data_or_timestamp() -> None:
     assert parse_event({}) == QmpEvent(name="", timestamp=0.0)
     assert parse_event({"event": "RESUME", "data": None, "timestamp": "x"}) == QmpEvent(
         name="RESUME", timestamp=0.0)
+
+
+@pytest.mark.parametrize("status", ["postcopy-active", "postcopy-paused", "postcopy-recover"])
+def test_post_copy_reports_its_switch_downtime_and_is_still_going(status: str) -> None:
+    assert outgoing_status({"status": status, "ram": RAM, "downtime": 12}) == status
+
+
+def test_migrate_parameters_are_parsed() -> None:
+    p = parse_migrate_parameters({"downtime-limit": 300, "max-bandwidth": 134217728,
+                                  "throttle-trigger-threshold": 100, "cpu-throttle-initial": 1,
+                                  "cpu-throttle-increment": 1, "max-cpu-throttle": 1,
+                                  "announce-step": 100})
+    assert p == MigrationParameters(downtime_limit_ms=300, max_bandwidth=134217728,
+                                    throttle_trigger_threshold=100, cpu_throttle_initial=1,
+                                    cpu_throttle_increment=1, max_cpu_throttle=1)
+    with pytest.raises(QemuError):
+        parse_migrate_parameters([])

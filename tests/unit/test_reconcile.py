@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import pytest
 
@@ -13,6 +14,7 @@ from ferry.agent.reconcile import (
     LocalFacts,
     LocalRole,
     Plan,
+    ReleaseVm,
     ReportStatus,
     Snapshot,
     StartVm,
@@ -125,10 +127,15 @@ def test_power_off_with_local_qemu_stops_it_carrying_force(force: bool) -> None:
     assert "stopping" in plan.reason
 
 
-def test_power_off_without_local_qemu_does_nothing() -> None:
+def test_power_off_without_local_qemu_releases_the_vm() -> None:
     plan = decide(snap({"vm1": facts(power=Power.OFF)}))
-    assert plan.actions == ()
-    assert "in sync" in plan.reason
+    assert plan.actions == (ReleaseVm(vm="vm1", owner_rev=facts().owner_rev),)
+    assert "releasing" in plan.reason
+
+
+def test_a_vm_powered_off_during_a_migration_is_not_released() -> None:
+    plan = decide(snap({"vm1": facts(power=Power.OFF, migration="m1", target=OTHER)}))
+    assert not any(isinstance(a, ReleaseVm) for a in plan.actions)
 
 
 def test_vm_owned_by_nobody_is_not_started() -> None:
@@ -298,15 +305,14 @@ def test_stale_status_of_this_node_is_cleared_when_not_owned_here() -> None:
     assert "clearing" in plan.reason
 
 
-def test_stale_status_of_this_node_is_cleared_when_powered_off() -> None:
+def test_stale_status_of_this_node_goes_with_the_release() -> None:
     plan = decide(snap({"vm1": facts(power=Power.OFF, status=running_status())}))
-    assert plan.actions == (ReportStatus(vm="vm1", status=None),)
+    assert plan.actions == (ReleaseVm(vm="vm1", owner_rev=facts().owner_rev),)
 
 
 def test_another_nodes_status_is_never_cleared() -> None:
     for f in (facts(node=OTHER, status=running_status(node=OTHER)),
-              facts(node=None, power=Power.OFF, status=running_status(node=OTHER)),
-              facts(power=Power.OFF, status=running_status(node=OTHER))):
+              facts(node=None, power=Power.OFF, status=running_status(node=OTHER))):
         plan = decide(snap({"vm1": f}))
         assert plan.actions == (), f
 
@@ -316,7 +322,7 @@ def test_another_nodes_status_is_never_cleared() -> None:
 
 @pytest.mark.parametrize("phase", [p for p in MigrationPhase if not p.terminal])
 def test_source_drives_every_non_terminal_phase(phase: MigrationPhase) -> None:
-    rec = record(phase, source=HERE, target=OTHER)
+    rec = replace(record(phase, source=HERE, target=OTHER), admitted_at=1.5)
     plan = decide(snap({"vm1": facts(migration="m1", target=OTHER)},
                        local_={"vm1": local()}, migrations={"m1": rec}))
     assert plan.actions == (DriveSource(vm="vm1", migration="m1"),)
@@ -418,10 +424,10 @@ def test_migrations_and_vms_are_handled_together_in_name_order() -> None:
 def test_in_sync_reason_counts_vms_owned_here_and_local_qemus() -> None:
     plan = decide(snap(
         {"a": facts("a", status=running_status()), "b": facts("b", node=OTHER),
-         "c": facts("c", power=Power.OFF)},
+         "c": facts("c", node=None, power=Power.OFF)},
         local_={"a": local()},
     ))
-    assert plan == Plan(actions=(), reason="in sync (2 VMs owned here, 1 QEMUs)")
+    assert plan == Plan(actions=(), reason="in sync (1 VMs owned here, 1 QEMUs)")
 
 
 def test_empty_snapshot_is_in_sync() -> None:

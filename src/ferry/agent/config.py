@@ -71,6 +71,7 @@ class AgentConfig:
     cpu_model: str = ""
     qemu_binary: str = "qemu-system-x86_64"
     timings: Timings = Timings()
+    cluster_network: str = "cluster"  # the name `ferry network list` gives the cluster network
 
 
 def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
@@ -125,6 +126,8 @@ def parse_config(doc: dict[str, Any], *, where: str = "config") -> AgentConfig:
     for i, m in enumerate(entries):
         w = f"{where} [[network.migration]] #{i + 1}"
         migs.append(NetAddress(network=_get(m, "name", str, w), address=_get(m, "address", str, w)))
+    cluster_network = _get(net, "cluster_name", str, f"{where} [network]", "cluster")
+    _unique_networks([cluster_network, *(m.network for m in migs)], f"{where} [network]")
     accel = _get(qemu, "accel", str, f"{where} [qemu]", "auto")
     if accel not in ACCELS:
         raise InvalidSpec(f"{where} [qemu]: 'accel' must be one of {', '.join(ACCELS)}")
@@ -140,7 +143,16 @@ def parse_config(doc: dict[str, Any], *, where: str = "config") -> AgentConfig:
         cpu_model=_get(qemu, "cpu_model", str, f"{where} [qemu]", ""),
         qemu_binary=_get(qemu, "binary", str, f"{where} [qemu]", "qemu-system-x86_64"),
         timings=_timings(timing, f"{where} [timing]"),
+        cluster_network=cluster_network,
     )
+
+
+def _unique_networks(names: list[str], where: str) -> None:
+    """Networks are known by name across the cluster: one name, one network."""
+    for name in names:
+        if not name or names.count(name) > 1:
+            raise InvalidSpec(f"{where}: network name {name!r} is empty or used twice"
+                              " (the cluster network is 'cluster_name', default 'cluster')")
 
 
 def _timings(timing: dict[str, Any], where: str) -> Timings:

@@ -16,9 +16,9 @@ from ferry.agent.view import StoreView
 from ferry.model import codec
 from ferry.model.errors import Conflict, NotFound, StoreError
 from ferry.model.migration import MigrationPhase, MigrationProgress, MigrationRecord
-from ferry.model.vm import Owner, VmStatus
+from ferry.model.vm import Owner, Power, VmStatus
 from ferry.qemu.argv import Hardware
-from ferry.store.base import ClusterStore, Compare, Delete, Op, Put, Target
+from ferry.store.base import ClusterStore, Compare, Delete, Op, Put, Target, TxnOp
 from ferry.store.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,18 @@ class AgentContext:
                 return True
             await asyncio.sleep(0.005)
         raise Conflict(f"migration {mid}: could not record its end")
+
+    async def release(self, vm: str, rev: int) -> None:
+        """Confirm the VM stopped here: the owner record goes back to nobody (and this
+        node's status with it), unless it changed since ``rev``."""
+        key = self.keys.vm_owner(vm)
+        ops: list[TxnOp] = [Put(key, codec.encode(Owner(node=None, power=Power.OFF)))]
+        status = self.view.status(vm)
+        if status is not None and status.node == self.node:
+            ops.append(Delete(self.keys.vm_status(vm)))
+        res = await self.store.txn([Compare.unchanged(key, rev)], ops)
+        if res.succeeded:
+            log.info("VM %s: stopped; released", vm)
 
     # -- VM status, on this node's lease so it vanishes with the node
     async def withdraw_status(self, vm: str, status: VmStatus) -> None:

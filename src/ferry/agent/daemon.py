@@ -22,6 +22,7 @@ from ferry.agent.context import AgentContext
 from ferry.agent.membership import Membership
 from ferry.agent.migrate_source import drive_source
 from ferry.agent.migrate_target import drive_target
+from ferry.agent.networks import NetworkPublisher
 from ferry.agent.runtime import Role, Runtime
 from ferry.agent.view import StoreView
 from ferry.ha.manager import Manager
@@ -52,7 +53,13 @@ class Agent:
         runtime = Runtime(config.run_dir, bridge=config.bridge, qemu_binary=config.qemu_binary,
                           on_change=self.wake.set)
         view = StoreView(store, keys)
-        view.on_change = self.wake.set
+        self.manager_wake = asyncio.Event()
+
+        def store_changed() -> None:
+            self.wake.set()
+            self.manager_wake.set()
+
+        view.on_change = store_changed
         self.ctx = AgentContext(config=config, store=store, keys=keys, view=view,
                                 runtime=runtime, hardware=hw)
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -76,6 +83,7 @@ class Agent:
             asyncio.create_task(m.guard_deadline(), name="self-fence"),
             asyncio.create_task(m.feed_watchdog(), name="watchdog"),
             asyncio.create_task(self._manage(), name="manager"),
+            asyncio.create_task(NetworkPublisher(ctx).run(), name="networks"),
         ]
         try:
             while True:
@@ -90,7 +98,11 @@ class Agent:
     async def _manage(self) -> None:
         last = ""
         while True:
-            await asyncio.sleep(MANAGER_PERIOD_S)
+            # On every store change (a migration request is admitted at once), and at least
+            # every period (the fence delay is counted on the clock, not on changes).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.manager_wake.wait(), MANAGER_PERIOD_S)
+            self.manager_wake.clear()
             if not self.membership.guard.valid():
                 continue  # a node past its lease deadline decides nothing for others
             try:
@@ -167,6 +179,8 @@ class Agent:
                 self._spawn(vm, self._arm(vm, rev, on=on))
             case rc.SetMarker(vm=vm, on=on):
                 self.ctx.runtime.set_marker(vm, on=on)
+            case rc.ReleaseVm(vm=vm, owner_rev=rev):
+                self._spawn(vm, self.ctx.release(vm, rev))
 
     def _spawn(self, vm: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro, name=f"op:{vm}")
@@ -213,18 +227,23 @@ class Agent:
         if spec is None:
             return
         me = self.config.node
+        lease = self.membership.guard.lease  # the start is valid under this lease only
+
+        def may_start() -> bool:
+            return self.membership.guard.valid() and self.membership.guard.lease == lease
+
         starting = VmStatus(node=me, state=VmState.STARTING, token=token, since=time.time())
         await ctx.report_status(vm, starting)
         entry = await ctx.store.get(ctx.keys.vm_owner(vm))
         owner = codec.decode(Owner, entry.value) if entry is not None else None
         if owner is None or entry is None or owner.node != me or owner.power is not Power.ON \
-                or owner.token(entry.mod_revision) != token or not self.membership.guard.valid():
+                or owner.token(entry.mod_revision) != token or not may_start():
             await ctx.withdraw_status(vm, starting)
             return  # the owner record moved on since the snapshot: the next cycle decides
         try:
             local = await ctx.runtime.start(spec, hw=ctx.hardware, token=token, ha=owner.ha,
                                             tag=f"{me}:{token}",
-                                            may_start=self.membership.guard.valid)
+                                            may_start=may_start)
         except Unavailable:
             await ctx.withdraw_status(vm, starting)
             return

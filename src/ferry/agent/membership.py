@@ -29,7 +29,7 @@ from ferry.model.errors import FerryError, LeaseExpired, StoreError
 from ferry.model.ha import EventKind
 from ferry.model.node import NodeInfo
 from ferry.model.vm import Owner
-from ferry.store.base import Delete, Put, TxnOp
+from ferry.store.base import Compare, Delete, Put, TxnOp
 
 log = logging.getLogger("ferry.agent.membership")
 
@@ -73,19 +73,12 @@ class Membership:
             fence_delay_s=self.timings.fence_delay_s,
         )
         await ctx.store.put(ctx.keys.node_info(self.node), codec.encode(info))
-        ops: list[TxnOp] = [Put(ctx.keys.node_alive(self.node), str(os.getpid()), lease=lease)]
-        if await ctx.store.get(ctx.keys.node_fenced(self.node)) is not None:
-            killed = await self._kill_lost_vms()
-            ops += [Delete(ctx.keys.node_fenced(self.node)), self._event(
-                EventKind.NODE_REJOINED, f"{self.node} rejoined after being fenced; killed"
-                f" {', '.join(killed) or 'no'} VMs it had lost")]
-        if self.fenced_vms:
-            ops.append(self._event(EventKind.SELF_FENCED, f"{self.node} lost its lease and"
-                                   f" stopped its HA VMs: {', '.join(self.fenced_vms)}"))
-        await ctx.store.txn([], ops)
+        while not await self._come_alive(lease):
+            pass  # fenced in between: clean up again
         self.fenced_vms = []
         ctx.lease = lease
         self.guard.granted(lease, sent_at=sent)
+        self.feeder.feed()  # the watchdog may have fired meanwhile: stop it killing afresh
         if ctx.view.revision:
             # After a time cut off, the watch's copy is old: decide on a fresh one.
             with contextlib.suppress(FerryError):
@@ -93,6 +86,24 @@ class Membership:
         log.info("node %s: registered (lease %x, %s, cpu %s)", self.node, lease,
                  ctx.hardware.accel, ctx.hardware.cpu_model)
         self.on_change()
+
+    async def _come_alive(self, lease: int) -> bool:
+        """``alive`` on the new lease, in one transaction with clearing ``fenced`` (after
+        killing what the node lost), guarded so that a fence written meanwhile is seen."""
+        ctx = self.ctx
+        key = ctx.keys.node_fenced(self.node)
+        ops: list[TxnOp] = [Put(ctx.keys.node_alive(self.node), str(os.getpid()), lease=lease)]
+        fenced = await ctx.store.get(key)
+        if fenced is not None:
+            killed = await self._kill_lost_vms()
+            ops += [Delete(key), self._event(
+                EventKind.NODE_REJOINED, f"{self.node} rejoined after being fenced; killed"
+                f" {', '.join(killed) or 'no'} VMs it had lost")]
+        if self.fenced_vms:
+            ops.append(self._event(EventKind.SELF_FENCED, f"{self.node} lost its lease and"
+                                   f" stopped its HA VMs: {', '.join(self.fenced_vms)}"))
+        guard = Compare.unchanged(key, fenced.mod_revision if fenced else 0)
+        return (await ctx.store.txn([guard], ops)).succeeded
 
     def _event(self, kind: EventKind, message: str) -> Put:
         return event_put(self.ctx.keys, kind=kind, message=message, by=self.node, node=self.node)

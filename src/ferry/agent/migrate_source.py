@@ -14,7 +14,19 @@ import logging
 import time
 
 from ferry.agent.context import AgentContext
+from ferry.agent.networks import choose_migration_network
+from ferry.agent.postcopy import resume_source
 from ferry.agent.runtime import LocalVm
+from ferry.agent.steering import (
+    UNLIMITED_BANDWIDTH,
+    Steering,
+    capabilities,
+    describe_setup,
+    engine_now,
+    parameters,
+    policy_for,
+)
+from ferry.migration.policy import setup
 from ferry.model.errors import FerryError, MigrationFailed, QemuError
 from ferry.model.migration import (
     MigrationPhase as P,
@@ -29,7 +41,7 @@ from ferry.qemu.monitor import OUTGOING_ACTIVE, MigrateInfo
 
 log = logging.getLogger(__name__)
 
-UNLIMITED_BANDWIDTH = 64 * 1024**3  # bytes/s: QEMU's default of 128 MiB/s is the bottleneck
+__all__ = ["UNLIMITED_BANDWIDTH", "drive_source"]
 TARGET_CREATE_TIMEOUT_S = 60.0
 COMMIT_TIMEOUT_S = 30.0
 POLL_S = 0.05
@@ -77,6 +89,9 @@ async def _prepare(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> M
         network, address = _choose_network(ctx, rec)
         config = TargetConfig(spec=local.meta.spec, accel=local.meta.accel,
                               cpu_model=local.meta.cpu_model)
+        # Resolved once and written with the configuration: the target sets up its side
+        # (post-copy) from it, and a restarted agent goes on with the same policy.
+        options = dataclasses.replace(rec.options, policy=policy_for(ctx, rec, local))
 
         def steps_1_to_3(r: MigrationRecord) -> MigrationRecord:
             now = time.time()
@@ -87,7 +102,7 @@ async def _prepare(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> M
                 r = r.advance(P.SENDING_CONFIG, at=now, node=ctx.node,
                               note=f"{config.spec.memory_mib} MiB, {config.accel},"
                                    f" cpu {config.cpu_model}")
-                r = dataclasses.replace(r, network=network, config=config)
+                r = dataclasses.replace(r, network=network, config=config, options=options)
             if r.phase is P.SENDING_CONFIG:
                 r = r.advance(P.CREATING_TARGET, at=now, node=ctx.node,
                               note="target creates an empty VM")
@@ -95,19 +110,22 @@ async def _prepare(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> M
 
         await ctx.update_record(mid, steps_1_to_3)
     rec = await _await_target(ctx, mid)
+    policy = policy_for(ctx, rec, local)
+    s = setup(policy, local.meta.spec.memory_mib * 2**20)
     info = await local.monitor.query_migrate()
     if info.outgoing not in OUTGOING_ACTIVE:
-        await local.monitor.set_capabilities({"events": True})
-        await local.monitor.set_parameters({
-            "max-bandwidth": rec.options.max_bandwidth or UNLIMITED_BANDWIDTH,
-            "downtime-limit": rec.options.downtime_limit_ms,
-        })
+        # Capabilities cannot change once the migration runs: every escape the policy may
+        # take later is enabled now.
+        await local.monitor.set_capabilities(capabilities(s))
+        await local.monitor.set_parameters(parameters(s))
         await local.monitor.migrate(rec.target_uri)
-    return await ctx.advance(mid, P.COPYING_MEMORY, f"sending to {rec.target_uri}")
+    return await ctx.advance(mid, P.COPYING_MEMORY,
+                             f"sending to {rec.target_uri}; {describe_setup(policy, s)}")
 
 
 def _choose_network(ctx: AgentContext, rec: MigrationRecord) -> tuple[str, str]:
-    """Step 1: the target must be up, alike, and reachable on a migration network."""
+    """Step 1: the target must be up, alike, and reachable on a migration network. Returns
+    the network and, for the timeline, the target's address on it and why it was chosen."""
     target = ctx.view.node_info(rec.target)
     if target is None or not ctx.view.node_alive(rec.target):
         raise MigrationFailed(P.CONNECTING.value, f"target node {rec.target} is not up")
@@ -115,12 +133,10 @@ def _choose_network(ctx: AgentContext, rec: MigrationRecord) -> tuple[str, str]:
         raise MigrationFailed(
             P.CONNECTING.value,
             f"{rec.target} uses {target.accel}, {ctx.node} uses {ctx.hardware.accel}")
-    theirs = {n.network: n.address for n in target.migration_addresses}
-    for mine in ctx.config.migration_networks:
-        if mine.network in theirs:
-            return mine.network, theirs[mine.network]
-    raise MigrationFailed(P.CONNECTING.value,
-                          f"no migration network shared by {ctx.node} and {rec.target}")
+    choice = choose_migration_network(ctx, rec)
+    if choice.network is None:
+        raise MigrationFailed(P.CONNECTING.value, choice.reason)
+    return choice.network, f"{choice.address}; {choice.note}"
 
 
 async def _await_target(ctx: AgentContext, mid: str) -> MigrationRecord:
@@ -163,26 +179,55 @@ async def _copy_memory(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) 
 
 
 async def _follow(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> MigrateInfo:
-    """Poll query-migrate until QEMU finishes; publish progress; honour cancel requests."""
+    """Poll query-migrate until QEMU finishes: publish progress, let the policy steer at the
+    start of each pass, honour cancel requests."""
+    steer = await _steering(ctx, rec, local)
     published = 0.0
-    while True:
-        info = await local.monitor.query_migrate()
-        now = time.time()
-        if info.outgoing == "completed":
-            return await local.monitor.completed_migrate_info()
-        if info.outgoing not in OUTGOING_ACTIVE:
-            raise MigrationFailed(P.COPYING_MEMORY.value,
-                                  info.error or f"QEMU reports the migration {info.outgoing}")
-        if ctx.view.cancel_requested(rec.id):
-            await local.monitor.migrate_cancel()
-            raise CancelRequested(rec.id)
-        if not ctx.view.node_alive(rec.target):
-            await local.monitor.migrate_cancel()
-            raise MigrationFailed(P.COPYING_MEMORY.value, f"target node {rec.target} went down")
-        if now - published >= PUBLISH_S:
-            await ctx.publish_progress(rec.id, _progress(info, now))
-            published = now
-        await asyncio.sleep(POLL_S)
+    uri = rec.target_uri
+    with local.monitor.events("MIGRATION_PASS") as passes:
+        while True:
+            info = await local.monitor.query_migrate()
+            now = time.time()
+            if info.outgoing == "completed":
+                return await local.monitor.completed_migrate_info()
+            if info.outgoing not in OUTGOING_ACTIVE:
+                raise MigrationFailed(P.COPYING_MEMORY.value, info.error or
+                                      f"QEMU reports the migration {info.outgoing}")
+            if info.outgoing == "postcopy-paused":
+                uri = await resume_source(ctx, rec, local, uri)
+            elif not (info.outgoing.startswith("postcopy") or steer.engine.postcopy):
+                # Past the switch to post-copy this QEMU holds pages the VM needs: it is
+                # never cancelled then (the commit refused any cancel requested earlier).
+                await _check_still_wanted(ctx, rec, local)
+            sample = _progress(info, now)
+            await steer.observe(sample, now)
+            if now - published >= PUBLISH_S:
+                await ctx.publish_progress(rec.id, sample)
+                published = now
+            # Sampled right after each dirty-bitmap sync, what is left is what the guest
+            # dirtied during the last pass: the policy's measure of the dirty rate.
+            with contextlib.suppress(QemuError):
+                await passes.get(timeout=POLL_S)
+
+
+async def _check_still_wanted(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> None:
+    if ctx.view.cancel_requested(rec.id):
+        await local.monitor.migrate_cancel()
+        raise CancelRequested(rec.id)
+    if not ctx.view.node_alive(rec.target):
+        await local.monitor.migrate_cancel()
+        raise MigrationFailed(P.COPYING_MEMORY.value, f"target node {rec.target} went down")
+
+
+async def _steering(ctx: AgentContext, rec: MigrationRecord, local: LocalVm) -> Steering:
+    policy = policy_for(ctx, rec, local)
+    s = setup(policy, local.meta.spec.memory_mib * 2**20)
+    # The budget counts from the start of the copy, also for an agent restarted mid-copy.
+    started = next((e.at for e in rec.timeline if e.phase is P.COPYING_MEMORY), time.time())
+    info = await local.monitor.query_migrate()
+    engine = await engine_now(local.monitor, s, info, time.time() - started,
+                              postcopy=rec.postcopy_at is not None)
+    return Steering(ctx, rec, local, policy, engine, started_at=started)
 
 
 def _progress(info: MigrateInfo, now: float) -> MigrationProgress:
@@ -223,16 +268,16 @@ async def _await_commit(ctx: AgentContext, rec: MigrationRecord) -> None:
 
 async def _finish(ctx: AgentContext, mid: str, local: LocalVm | None,
                   copied: Copied | None) -> None:
-    """After the commit: quit the paused source copy, then write the summary (one write)."""
+    """After the commit: quit the paused source copy, then write the summary (one write).
+    In post-copy the target needs this QEMU until it has every page, which is later than
+    this QEMU says it is done: quit only once the target says so (step 7)."""
+    postcopy = (await ctx.read_record(mid))[0].postcopy_at is not None
+    if postcopy:
+        await _await_announced(ctx, mid, patient=True)
     if local is not None and ctx.runtime.vms.get(local.name) is local:
         await ctx.runtime.kill(local)
-
-    def announced() -> MigrationRecord | None:
-        r = ctx.view.migration(mid)
-        return r if r is not None and (r.phase.step >= P.ANNOUNCING.step) else None
-
-    with contextlib.suppress(FerryError):
-        await ctx.view.wait_for(announced, timeout=COMMIT_TIMEOUT_S)
+    if not postcopy:
+        await _await_announced(ctx, mid, patient=False)
 
     def complete(rec: MigrationRecord) -> MigrationRecord:
         if rec.phase.terminal:
@@ -261,6 +306,22 @@ async def _finish(ctx: AgentContext, mid: str, local: LocalVm | None,
     await ctx.update_record(mid, complete)
     if copied is not None:
         await ctx.publish_progress(mid, _progress(copied.info, time.time()))
+
+
+async def _await_announced(ctx: AgentContext, mid: str, *, patient: bool) -> None:
+    def announced() -> MigrationRecord | None:
+        r = ctx.view.migration(mid)
+        return r if r is not None and (r.phase.step >= P.ANNOUNCING.step) else None
+
+    while True:
+        try:
+            await ctx.view.wait_for(announced, timeout=COMMIT_TIMEOUT_S)
+            return
+        except FerryError:
+            if not patient:
+                return
+            log.warning("migration %s: post-copy: waiting for the target to have every page",
+                        mid)
 
 
 async def _abort(ctx: AgentContext, mid: str, local: LocalVm | None, phase: P, reason: str) -> None:

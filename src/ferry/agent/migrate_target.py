@@ -8,13 +8,16 @@ transaction fails, the VM never ran here and the source resumes it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
 import time
 
 from ferry.agent.context import AgentContext
+from ferry.agent.postcopy import await_switch, follow_target
 from ferry.agent.runtime import LocalVm, Role
+from ferry.migration.policy import effective_policy, setup
 from ferry.model import codec
 from ferry.model.errors import FerryError, QemuError
 from ferry.model.migration import MigrationPhase as P
@@ -36,6 +39,12 @@ class TargetGaveUp(FerryError):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class Received:
+    at: float  # when the stream completed, or when the source switched to post-copy
+    postcopy: bool  # the source moved ownership here and switched to post-copy
+
+
 async def drive_target(ctx: AgentContext, mid: str) -> None:
     rec, _ = await ctx.read_record(mid)
     local = ctx.runtime.vms.get(rec.vm)
@@ -45,24 +54,18 @@ async def drive_target(ctx: AgentContext, mid: str) -> None:
         owner = codec.decode(Owner, entry.value) if entry else None
         completed_at = time.time()
         if owner is None or owner.node != ctx.node:  # not committed yet
-            if rec.phase.terminal or rec.target_error or entry is None or owner is None \
-                    or owner.migration != mid:
-                await _release(ctx, mid, local)
+            got = await _take_over(ctx, rec, local, entry_rev=entry.mod_revision if entry else 0,
+                                   owner=owner)
+            if got is None:
                 return
-            if local is None:
-                if rec.target_uri:
-                    raise TargetGaveUp("the target QEMU is gone")
-                local = await _create(ctx, rec, ha=owner.ha)
-            received = await _receive(ctx, mid, local)
-            token = None if received is None else await _commit(
-                ctx, mid, owner_key=owner_key, owner_rev=entry.mod_revision, ha=owner.ha)
-            if received is None or token is None:
-                await _release(ctx, mid, local)
-                return
-            completed_at = received
+            local, token, completed_at, postcopy = got
         else:
             token = owner.token(entry.mod_revision) if entry else 0
-        await _online(ctx, mid, local, token=token, completed_at=completed_at)
+            postcopy = rec.postcopy_at is not None
+        if postcopy:
+            await _online_postcopy(ctx, mid, local, token=token, switched_at=completed_at)
+        else:
+            await _online(ctx, mid, local, token=token, completed_at=completed_at)
     except FerryError as err:
         if await _owned_here(ctx, rec.vm):
             log.error("migration %s: committed, but finishing failed: %s; the VM stays", mid, err)
@@ -73,6 +76,38 @@ async def drive_target(ctx: AgentContext, mid: str) -> None:
             await ctx.update_record(mid, lambda r: r if r.committed else
                                     dataclasses.replace(r, target_error=reason))
         await _release(ctx, mid, ctx.runtime.vms.get(rec.vm))
+
+
+async def _take_over(ctx: AgentContext, rec: MigrationRecord, local: LocalVm | None, *,
+                     entry_rev: int, owner: Owner | None
+                     ) -> tuple[LocalVm, int, float, bool] | None:
+    """Steps 3 to the commit: create the target, receive the VM, commit (or find that the
+    source committed it here, switching to post-copy). Returns the QEMU, the token, when it
+    was received or switched, and whether in post-copy; None, and the target QEMU gone, if
+    the migration ended without this node."""
+    mid = rec.id
+    owner_key = ctx.keys.vm_owner(rec.vm)
+    if rec.phase.terminal or rec.target_error or owner is None or owner.migration != mid:
+        await _release(ctx, mid, local)
+        return None
+    if local is None:
+        if rec.target_uri:
+            raise TargetGaveUp("the target QEMU is gone")
+        local = await _create(ctx, rec, ha=owner.ha)
+    received = await _receive(ctx, mid, local)
+    if received is None:
+        await _release(ctx, mid, local)
+        return None
+    postcopy = received.postcopy
+    token = None if postcopy else await _commit(ctx, mid, owner_key=owner_key,
+                                                owner_rev=entry_rev, ha=owner.ha)
+    if token is None:
+        # The source may have committed it here itself, switching to post-copy.
+        token, postcopy = await _owner_token(ctx, owner_key), True
+    if token is None:
+        await _release(ctx, mid, local)
+        return None
+    return local, token, received.at, postcopy
 
 
 async def _create(ctx: AgentContext, rec: MigrationRecord, *, ha: bool) -> LocalVm:
@@ -87,7 +122,12 @@ async def _create(ctx: AgentContext, rec: MigrationRecord, *, ha: bool) -> Local
     local = await ctx.runtime.start(rec.config.spec, hw=hw, token=0, role=Role.INCOMING,
                                     migration=rec.id, ha=ha)
     mon = local.monitor
-    await mon.set_capabilities({"events": True})
+    # Post-copy needs its capability on both sides before the stream starts; the source
+    # wrote the policy in force into the record with the configuration.
+    policy = effective_policy(rec.options, None, None)
+    postcopy = setup(policy, rec.config.spec.memory_mib * 2**20).postcopy
+    await mon.set_capabilities({"events": True, "postcopy-ram": postcopy,
+                                "postcopy-blocktime": postcopy})
     await mon.set_parameters(ANNOUNCE)
     await mon.migrate_incoming(f"tcp:{address}:0")
     port = await mon.incoming_port()
@@ -98,15 +138,18 @@ async def _create(ctx: AgentContext, rec: MigrationRecord, *, ha: bool) -> Local
     return local
 
 
-async def _receive(ctx: AgentContext, mid: str, local: LocalVm) -> float | None:
-    """Wait until QEMU has the whole VM (its time) or the migration ended without us."""
+async def _receive(ctx: AgentContext, mid: str, local: LocalVm) -> Received | None:
+    """Wait until QEMU has the whole VM, or the source switched to post-copy (it committed
+    the migration to this node), or the migration ended without us."""
     with local.monitor.events("MIGRATION") as events:
         while True:
             with contextlib.suppress(QemuError):
                 ev = await events.get(timeout=INCOMING_POLL_S)
                 if ev.status == "completed":
-                    return ev.timestamp
+                    return Received(at=ev.timestamp, postcopy=False)
             rec = ctx.view.migration(mid)
+            if rec is not None and rec.postcopy_at is not None:
+                return Received(at=rec.postcopy_at, postcopy=True)
             if rec is None or rec.phase.terminal or ctx.view.cancel_requested(mid):
                 return None
             if local.exited.is_set():
@@ -116,7 +159,7 @@ async def _receive(ctx: AgentContext, mid: str, local: LocalVm) -> float | None:
                 log.debug("migration %s: target sees %s, run state %s", mid, info.status,
                           local.run_state)
                 if info.status == "completed":
-                    return time.time()
+                    return Received(at=time.time(), postcopy=False)
 
 
 async def _commit(ctx: AgentContext, mid: str, *, owner_key: str, owner_rev: int,
@@ -130,6 +173,15 @@ async def _commit(ctx: AgentContext, mid: str, *, owner_key: str, owner_rev: int
         [Put(owner_key, codec.encode(Owner(node=ctx.node, power=Power.ON, ha=ha)))],
     )
     return res.revision if res.succeeded else None
+
+
+async def _owner_token(ctx: AgentContext, owner_key: str) -> int | None:
+    """This node's fencing token, if the owner record names it."""
+    entry = await ctx.store.get(owner_key)
+    owner = codec.decode(Owner, entry.value) if entry is not None else None
+    if entry is None or owner is None or owner.node != ctx.node:
+        return None
+    return owner.token(entry.mod_revision)
 
 
 async def _resume(local: LocalVm) -> float | None:
@@ -172,10 +224,57 @@ async def _online(ctx: AgentContext, mid: str, local: LocalVm | None, *, token: 
                                    resumed_at=resumed_at or rec.resumed_at)
 
     rec = await ctx.update_record(mid, steps_5_to_7)
+    await _promote(ctx, rec.vm, local, token=token)
+
+
+async def _promote(ctx: AgentContext, vm: str, local: LocalVm, *, token: int) -> None:
     ctx.runtime.promote(local, token=token)
     local.run_state = await local.monitor.run_state()
-    await ctx.report_status(rec.vm, VmStatus(node=ctx.node, state=VmState.RUNNING, token=token,
-                                             pid=local.proc.pid, since=local.meta.started_at))
+    await ctx.report_status(vm, VmStatus(node=ctx.node, state=VmState.RUNNING, token=token,
+                                         pid=local.proc.pid, since=local.meta.started_at))
+
+
+async def _online_postcopy(ctx: AgentContext, mid: str, local: LocalVm | None, *, token: int,
+                           switched_at: float) -> None:
+    """Steps 5-7 when the source committed the VM here and switched to post-copy: resume as
+    soon as the source has switched, then stay until every page has arrived; only then
+    step 7, which tells the source it may quit its QEMU (the last pages may still be in
+    flight when it says it is done)."""
+    if local is None:
+        log.error("migration %s: committed in post-copy but the target QEMU is gone", mid)
+        return
+    await await_switch(local)
+    with local.monitor.events("MIGRATION") as events:
+        # Watched from the switch on, beside the resume: the stream may break any time.
+        follow = asyncio.create_task(follow_target(ctx, mid, local, events))
+        try:
+            await _resume_postcopy(ctx, mid, local, token=token, switched_at=switched_at)
+            blocktime = await follow
+        finally:
+            follow.cancel()
+    await ctx.update_record(mid, lambda r: r if r.phase.step >= P.ANNOUNCING.step else r.advance(
+        P.ANNOUNCING, at=time.time(), node=ctx.node, note=(
+            f"post-copy complete: every page is here (the guest's vCPUs waited {blocktime} ms"
+            " for pages in all); announced on the switch")))
+
+
+async def _resume_postcopy(ctx: AgentContext, mid: str, local: LocalVm, *, token: int,
+                           switched_at: float) -> None:
+    resumed_at = await _resume(local)
+    now = time.time()
+
+    def steps_5_and_6(rec: MigrationRecord) -> MigrationRecord:
+        if rec.phase.step >= P.BRINGING_ONLINE.step:
+            return rec
+        if rec.phase is P.COPYING_MEMORY:
+            rec = rec.advance(P.HANDING_OVER_DISKS, at=switched_at, node=ctx.node, note=(
+                "post-copy: the source released the disks; memory follows on demand"))
+        rec = rec.advance(P.BRINGING_ONLINE, at=now, node=ctx.node,
+                          note="resumed here in post-copy: missing pages come from the source")
+        return dataclasses.replace(rec, resumed_at=resumed_at or rec.resumed_at)
+
+    rec = await ctx.update_record(mid, steps_5_and_6)
+    await _promote(ctx, rec.vm, local, token=token)
 
 
 async def _owned_here(ctx: AgentContext, vm: str) -> bool:

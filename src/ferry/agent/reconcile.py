@@ -13,6 +13,9 @@ The rules that keep a VM from running twice:
 - an HA VM is armed (its QEMU carries the HA marker that the watchdog and self-fencing act
   on) before the owner record says so, and before it starts: the manager restarts elsewhere
   only VMs whose record says armed.
+
+A migration's source drives it only once the cluster manager has admitted it
+(``migration/scheduler.py``); until then the VM is handled like any other.
 """
 
 from __future__ import annotations
@@ -107,12 +110,22 @@ class ArmHa:
 
 
 @dataclass(frozen=True)
+class ReleaseVm:
+    """The VM is off and its QEMU gone: give the owner record back (node None), so that the
+    cluster may start it anywhere. Until then it counts as still stopping here."""
+
+    vm: str
+    owner_rev: int
+
+
+@dataclass(frozen=True)
 class SetMarker:
     vm: str
     on: bool
 
 
-Action = StartVm | StopVm | KillVm | ReportStatus | DriveSource | DriveTarget | ArmHa | SetMarker
+Action = (StartVm | StopVm | KillVm | ReportStatus | DriveSource | DriveTarget | ArmHa
+          | SetMarker | ReleaseVm)
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,11 @@ def _migration_action(snap: Snapshot, mid: str, rec: MigrationRecord) -> Action 
     if rec.phase.terminal or rec.vm in snap.busy:
         return None
     if rec.source == snap.node:
+        # Queued migrations wait for the cluster manager's scheduler to admit them (limits
+        # per node and cluster); one past QUEUED was admitted, or started before there
+        # was a scheduler, and is driven to its end.
+        if rec.phase is MigrationPhase.QUEUED and rec.admitted_at is None:
+            return None
         return DriveSource(vm=rec.vm, migration=mid)
     # The target's part ends once the VM runs there (ANNOUNCING); the source finishes.
     if rec.target == snap.node and (
@@ -191,6 +209,8 @@ def _vm_action(snap: Snapshot, name: str) -> tuple[list[Action], str]:
     if owner.power is Power.OFF:
         if local is not None:
             return [StopVm(vm=name, force=owner.force)], "power off requested: stopping"
+        if owner.migration is None:
+            return [ReleaseVm(vm=name, owner_rev=facts.owner_rev)], "stopped: releasing it"
         return _drop_stale_status(snap, facts)
     if local is None:
         if not snap.lease_valid:

@@ -70,8 +70,11 @@ class FailoverReport:
 async def _until(probe: Callable[[], Awaitable[object]], what: str) -> float:
     deadline = time.monotonic() + GIVE_UP_S
     while time.monotonic() < deadline:
-        if await probe():
-            return time.monotonic()
+        try:
+            if await probe():
+                return time.monotonic()
+        except FerryError as err:  # a failed read is not an answer: ask again, say so
+            print(f"  (store read failed, retrying: {err})", flush=True)
         await asyncio.sleep(POLL_S)
     raise Timeout(f"failover bench: no {what} within {GIVE_UP_S:.0f}s")
 

@@ -9,7 +9,7 @@ import sys
 import click
 
 from ferry.cli.output import emit_json, table
-from ferry.lab import faults
+from ferry.lab import faults, netsetup
 from ferry.lab import lab as labmod
 from ferry.lab.guest import build_guest_image
 from ferry.model.errors import LabError
@@ -95,6 +95,23 @@ def lab_fault(target: str, action: str) -> None:
     `ferry lab up` undoes them all.
     """
     click.echo(faults.apply(_state(), target, action))
+
+
+@lab.command("net")
+@click.argument("node")
+@click.argument("network")
+@click.argument("action", type=click.Choice(netsetup.NET_ACTIONS))
+def lab_net(node: str, network: str, action: str) -> None:
+    """Change NODE's link to NETWORK (cluster, migration, migration2).
+
+    \b
+    down / up             the node sets its interface down or up
+    cut / plug            its cable: the node sees no carrier
+    gateway / no-gateway  the node's default route goes through NETWORK, or is removed
+
+    `ferry network list` shows the effect within seconds.
+    """
+    click.echo(netsetup.net_action(_state().layout, node, network, action))
 
 
 @lab.command("exec", context_settings={"ignore_unknown_options": True})

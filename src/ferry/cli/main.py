@@ -13,6 +13,7 @@ import click
 from ferry import __version__
 from ferry.cli.ha import events
 from ferry.cli.lab import lab
+from ferry.cli.network import network
 from ferry.cli.vm import migration, node, vm
 from ferry.model.errors import FerryError
 
@@ -64,6 +65,7 @@ cli.add_command(lab)
 cli.add_command(node)
 cli.add_command(vm)
 cli.add_command(migration)
+cli.add_command(network)
 
 
 def _register_optional() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import click
 
@@ -13,9 +14,11 @@ from ferry.control import migrations as migs
 from ferry.control import nodes as nodes_ctl
 from ferry.control import vms as vms_ctl
 from ferry.control.client import ClusterClient
-from ferry.model.errors import InvalidSpec, MigrationFailed
+from ferry.migration.scheduler import is_queued
+from ferry.model.errors import FerryError, InvalidSpec, MigrationFailed
 from ferry.model.ha import HaPolicy, HaPriority
-from ferry.model.migration import MigrationOptions, MigrationPhase
+from ferry.model.migration import MigrationOptions, MigrationPhase, MigrationRecord
+from ferry.model.policy import MigrationLimits
 from ferry.model.vm import parse_size
 
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -171,43 +174,100 @@ def vm_show(name: str, as_json: bool) -> None:
             click.echo(f"{k:>10}: {v}")
 
 
-def _migrate(name: str, to: str, no_wait: bool, bandwidth: str | None,
-             downtime_ms: int) -> None:
-    bw = parse_size(bandwidth) if bandwidth else 0
-    options = MigrationOptions(max_bandwidth=bw, downtime_limit_ms=downtime_ms)
-
+def _migrate(names: tuple[str, ...], *, to: str, no_wait: bool, options: MigrationOptions
+             ) -> None:
     async def go(cl: ClusterClient) -> None:
-        rec = await migs.request_migration(cl, name, to=to, options=options)
-        if no_wait:
-            click.echo(f"migration {rec.id}: {name} {rec.source} -> {to} queued")
-            return
-        click.echo(f"migration {rec.id}: {name} {rec.source} -> {to}")
-        final = await watch(cl, rec.id)
-        click.echo(summary_line(final))
-        if final.phase is not MigrationPhase.COMPLETED:
-            raise MigrationFailed(final.timeline[-1].phase.value if final.timeline else "?",
-                                  final.error or final.phase.value)
+        recs = await migs.request_migrations(cl, names, to=to, options=options)
+        await _requested(cl, recs, no_wait=no_wait)
 
     asyncio.run(with_cluster(go))
 
 
+async def _requested(cl: ClusterClient, recs: Sequence[MigrationRecord], *,
+                     no_wait: bool) -> None:
+    """Say what was queued (and where it stands); unless ``no_wait``, follow every migration
+    to its end: one alone with its live progress, several with a line as each starts and
+    its summary as it ends. Raises if any did not complete."""
+    places = await migs.migration_queue(cl)
+    for rec in recs:
+        place = places.get(rec.id)
+        waits = f" (queued #{place.position}: {place.why})" if place and place.position else ""
+        click.echo(f"migration {rec.id}: {rec.vm} {rec.source} -> {rec.target}"
+                   f"{' queued' if no_wait and not waits else ''}{waits}")
+    if no_wait or not recs:
+        return
+    if len(recs) == 1:
+        finals = [await watch(cl, recs[0].id)]
+        click.echo(summary_line(finals[0]))
+    else:
+        finals = list(await asyncio.gather(*(_follow_one(cl, r) for r in recs)))
+    failed = [r for r in finals if r.phase is not MigrationPhase.COMPLETED]
+    if len(finals) == 1 and failed:
+        final = failed[0]
+        raise MigrationFailed(final.timeline[-1].phase.value if final.timeline else "?",
+                              final.error or final.phase.value)
+    if failed:
+        raise FerryError(f"{len(failed)} of {len(finals)} migrations did not complete: "
+                         + ", ".join(f"{r.vm} ({r.phase.value})" for r in failed))
+
+
+async def _follow_one(cl: ClusterClient, rec: MigrationRecord) -> MigrationRecord:
+    """One of several followed at once: a line when it starts, its summary when it ends."""
+    started = not is_queued(rec)
+    async for view in migs.follow(cl, rec.id):
+        rec = view.record
+        if not started and not is_queued(rec):
+            started = True
+            click.echo(f"  {rec.vm}: started ({_waited(rec)})")
+    click.echo(summary_line(rec))
+    return rec
+
+
+def _waited(rec: MigrationRecord) -> str:
+    if rec.admitted_at is None:
+        return "admitted"
+    return f"after {max(0.0, rec.admitted_at - rec.created_at):.1f} s in the queue"
+
+
+def _options(bandwidth: str | None, *, downtime_ms: int, priority: int,
+             network: str | None = None, allow_gateway: bool = False) -> MigrationOptions:
+    bw = parse_size(bandwidth) if bandwidth else 0
+    return MigrationOptions(max_bandwidth=bw, downtime_limit_ms=downtime_ms, priority=priority,
+                            network=network, allow_gateway=allow_gateway)
+
+
+priority_opt = click.option(
+    "--priority", default=0, show_default=True, type=int,
+    help="Queue priority: higher starts first when the migration limits make them wait.")
+
+
 def _migrate_command(fn_name: str, help_text: str) -> click.Command:
     @click.command(fn_name, help=help_text)
-    @click.argument("name")
+    @click.argument("names", metavar="NAME...", nargs=-1, required=True)
     @click.option("--to", "to", required=True, help="Target node.")
-    @click.option("--no-wait", is_flag=True, help="Queue it and return its id.")
+    @click.option("--no-wait", is_flag=True, help="Queue them and return their ids.")
     @click.option("--bandwidth", default=None, help="Limit, e.g. 100M (bytes/s).")
     @click.option("--downtime-ms", default=MigrationOptions().downtime_limit_ms,
                   show_default=True, type=int,
                   help="Longest pause QEMU may take to switch over.")
-    def command(name: str, to: str, no_wait: bool, bandwidth: str | None,
-                downtime_ms: int) -> None:
-        _migrate(name, to, no_wait, bandwidth, downtime_ms)
+    @priority_opt
+    @click.option("--network", default=None,
+                  help="Use this migration network only (default: the priority order).")
+    @click.option("--allow-gateway", is_flag=True,
+                  help="Permit a network that has a default gateway.")
+    def command(names: tuple[str, ...], to: str, no_wait: bool, bandwidth: str | None,
+                downtime_ms: int, priority: int, network: str | None,
+                allow_gateway: bool) -> None:
+        _migrate(names, to=to, no_wait=no_wait,
+                 options=_options(bandwidth, downtime_ms=downtime_ms, priority=priority,
+                                  network=network, allow_gateway=allow_gateway))
 
     return command
 
 
-vm.add_command(_migrate_command("migrate", "Live-migrate a running VM to another node."))
+vm.add_command(_migrate_command(
+    "migrate", "Live-migrate running VMs to another node: each its own migration, all requested"
+    " at once; they start within the cluster's migration limits (`ferry migration limits`)."))
 vm.add_command(_migrate_command("move", "Same as migrate."))
 
 
@@ -219,15 +279,24 @@ def migration() -> None:
 @migration.command("list")
 @json_opt
 def migration_list(as_json: bool) -> None:
-    recs = asyncio.run(with_cluster(migs.list_migrations))
+    """Migrations in request order; those not started with their place in the queue and
+    why they wait."""
+    rows = asyncio.run(with_cluster(migs.list_with_queue))
     if as_json:
-        emit_json(recs)
+        emit_json(rows)
         return
-    table(["ID", "VM", "FROM", "TO", "PHASE", "STARTED", "TOTAL", "DOWNTIME", "ERROR"],
-          [[r.id, r.vm, r.source, r.target, r.phase.value, clock(r.created_at),
+    table(["ID", "VM", "FROM", "TO", "PHASE", "REQUESTED", "TOTAL", "DOWNTIME", "NOTE"],
+          [[r.id, r.vm, r.source, r.target, _phase(r, x.queue), clock(r.created_at),
             f"{r.summary.total_s:.2f}s" if r.summary and r.phase.terminal else None,
             f"{r.summary.downtime_ms} ms" if r.summary and r.phase.terminal else None,
-            r.error or None] for r in recs])
+            (x.queue.why if x.queue else r.error) or None]
+           for x in rows for r in (x.record,)])
+
+
+def _phase(rec: MigrationRecord, queue: migs.QueuePlace | None) -> str:
+    if queue is not None and queue.position:
+        return f"{rec.phase.value} #{queue.position}"
+    return rec.phase.value
 
 
 @migration.command("show")
@@ -246,6 +315,9 @@ def migration_show(mid: str, as_json: bool) -> None:
     table(["+MS", "TIME", "PHASE", "NODE", "NOTE"],
           [[f"{(e.at - t0) * 1000:8.1f}", clock(e.at), e.phase.value, e.node, e.note]
            for e in r.timeline])
+    if view.queue is not None:
+        place = f"#{view.queue.position} in the queue" if view.queue.position else "queued"
+        click.echo(f"{place}: {view.queue.why}")
     if view.progress is not None and not r.phase.terminal:
         click.echo("progress: " + progress_line(view))
     if r.committed_at:
@@ -273,3 +345,52 @@ def migration_cancel(mid: str, no_wait: bool) -> None:
         return summary_line(final)
 
     click.echo(asyncio.run(with_cluster(go)))
+
+
+@migration.command("limits")
+@click.option("--per-source", type=int, default=None,
+              help="Migrations at once out of one node.")
+@click.option("--per-target", type=int, default=None,
+              help="Migrations at once into one node.")
+@click.option("--per-cluster", type=int, default=None, help="Migrations at once in all.")
+@json_opt
+def migration_limits(per_source: int | None, per_target: int | None,
+                     per_cluster: int | None, as_json: bool) -> None:
+    """Show or set how many migrations run at once; the rest wait in the queue."""
+    async def go(cl: ClusterClient) -> MigrationLimits:
+        if (per_source, per_target, per_cluster) == (None, None, None):
+            return await migs.migration_limits(cl)
+        return await migs.set_migration_limits(cl, per_source=per_source,
+                                               per_target=per_target, per_cluster=per_cluster)
+
+    limits = asyncio.run(with_cluster(go))
+    if as_json:
+        emit_json(limits)
+        return
+    click.echo(f"per source {limits.per_source}, per target {limits.per_target},"
+               f" per cluster {limits.per_cluster}")
+
+
+@node.command("drain")
+@click.argument("name")
+@click.option("--no-wait", is_flag=True, help="Queue the migrations and return.")
+@priority_opt
+def node_drain(name: str, no_wait: bool, priority: int) -> None:
+    """Pause NAME and live-migrate each of its running VMs to the best other node."""
+    options = MigrationOptions(priority=priority)
+
+    async def go(cl: ClusterClient) -> None:
+        drain = await migs.drain_node(cl, name, options=options)
+        click.echo(f"{name} is paused" if drain.paused else f"{name} was paused already")
+        for vm_name in drain.already:
+            click.echo(f"{vm_name} is already migrating: left to that migration")
+        for vm_name, mid in drain.incoming:
+            click.echo(f"warning: {vm_name} is on its way to {name} (migration {mid}):"
+                       " cancel it, or drain again once it has arrived")
+        if not drain.migrations:
+            click.echo(f"no VM to move off {name}")
+        await _requested(cl, drain.migrations, no_wait=no_wait)
+        if not no_wait and drain.migrations:
+            click.echo(f"{name} is drained")
+
+    asyncio.run(with_cluster(go))

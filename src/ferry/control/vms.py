@@ -58,10 +58,11 @@ def vm_state(owner: Owner, status: VmStatus | None, *, node_up: bool = True) -> 
     A VM meant to run on a node that is down is UNKNOWN: nobody can say what it does."""
     reported = status if status is not None and status.node == owner.node else None
     if owner.power is Power.OFF:
-        if reported is not None and reported.state in (VmState.RUNNING, VmState.PAUSED,
-                                                       VmState.STOPPING, VmState.STARTING):
-            return VmState.STOPPING
-        return VmState.STOPPED
+        # Stopped only once its node has released it: no status may just mean the node
+        # lost its lease, and a node cut off from the cluster may still run the VM.
+        if owner.node is None:
+            return VmState.STOPPED
+        return VmState.STOPPING if node_up else VmState.UNKNOWN
     if owner.migration is not None:
         return VmState.MIGRATING
     if reported is None:
@@ -204,7 +205,8 @@ async def start_vm(cl: ClusterClient, name: str, *, node: str | None = None,
     if owner.power is Power.ON:
         where = f"on {owner.node}" if owner.node else "already"
         raise Conflict(f"VM {name} is already running {where}; stop it first")
-    if vm_state(owner, await cl.status(name)) is VmState.STOPPING:
+    up = owner.node is None or await cl.node_up(owner.node)
+    if vm_state(owner, await cl.status(name), node_up=up) is VmState.STOPPING:
         raise Conflict(f"VM {name} is still stopping on {owner.node}; wait until it has stopped")
     loads = await node_loads(cl)
     if node is not None:
@@ -225,15 +227,16 @@ async def start_vm(cl: ClusterClient, name: str, *, node: str | None = None,
 
 
 async def _check_left(cl: ClusterClient, name: str, owner: Owner) -> None:
-    """Moving a stopped VM to another node needs its last node to have stopped it: a node
-    that is down (cut off, hung) may still run it unseen. A fenced node has killed its
-    armed HA VMs; nothing else is known to be dead."""
+    """Moving a VM to another node needs its last node to have released it (it confirmed
+    the QEMU is gone). A node that is down (cut off, hung) may still run it unseen; a fenced
+    node has killed its armed HA VMs, nothing else is known to be dead."""
     assert owner.node is not None
-    if await cl.node_up(owner.node):
-        return
     fenced = await cl.store.get(cl.keys.node_fenced(owner.node)) is not None
     if owner.ha and fenced:
         return
+    if await cl.node_up(owner.node):
+        raise Conflict(f"VM {name} is still stopping on {owner.node}; wait until it has"
+                       " stopped")
     raise Conflict(f"VM {name} last ran on {owner.node}, which is down: it may still run"
                    f" there unseen. Start it again when {owner.node} is back (or on"
                    f" {owner.node}); if you know {owner.node} is off, use --force")

@@ -6,7 +6,8 @@ transaction that also compares the manager key's create_revision to its term, so
 that lost its lease (paused, cut off) cannot write anything once another has taken over.
 
 Each ``step`` is level-triggered: read the cluster from one snapshot of the keys, decide
-(``recovery.decide``, pure), carry the actions out, return a one-line reason.
+(``recovery.decide``, pure), carry the actions out, return a one-line reason. Then it admits
+queued migrations (``migration.scheduler``, pure) within the cluster's migration limits.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 from ferry.ha import recovery as rv
 from ferry.ha.events import event_put
+from ferry.migration import scheduler
 from ferry.model import codec
+from ferry.model.cluster import ClusterConfig
 from ferry.model.errors import InvalidSpec, StoreError
 from ferry.model.ha import EventKind, FenceRecord
 from ferry.model.migration import MigrationPhase, MigrationRecord
 from ferry.model.node import NodeInfo
+from ferry.model.policy import MigrationLimits
 from ferry.model.vm import Owner, Power, VmSpec
 from ferry.store.base import ClusterStore, Compare, Delete, Entry, Op, Put, Target, TxnOp
 from ferry.store.keys import Keys
@@ -84,6 +88,7 @@ class Manager:
         self._said: dict[str, str] = {}  # vm -> the last "not recovered" reason told
         self._pruned_at = 0.0
         self._taking: dict[str, tuple[str, ...]] = {}  # this step: dead node -> VMs moved
+        self._waits: dict[str, str] = {}  # queued migration -> why it waited at the last step
 
     def _become(self, new: ManagerState, why: str) -> None:
         if new is not self.state:
@@ -110,16 +115,18 @@ class Manager:
         if not await self._lead(entries, lease):
             holder = entries.get(self.keys.manager)
             return f"standby (manager: {holder.value if holder else 'none'})"
-        plan = rv.decide(read_facts(self.keys, entries), now=self.clock(),
-                         down_since=self.down_since, base_delay=self.base_delay)
+        facts = read_facts(self.keys, entries)
+        plan = rv.decide(facts, now=self.clock(), down_since=self.down_since,
+                         base_delay=self.base_delay)
         self._taking = {}
         for a in plan.actions:
             if isinstance(a, rv.Recover):
                 self._taking[a.source] = (*self._taking.get(a.source, ()), a.vm)
         for action in plan.actions:
             await self._act(action, entries)
+        admitted = await self._admit(facts, entries)
         await self._prune(entries)
-        return plan.reason
+        return "; ".join([plan.reason, *admitted])
 
     async def _lead(self, entries: Mapping[str, Entry], lease: int) -> bool:
         current = entries.get(self.keys.manager)
@@ -234,6 +241,64 @@ class Manager:
         failed = dataclasses.replace(rec, error=why)
         return Put(key, codec.encode(failed)), Compare.unchanged(key, e.mod_revision)
 
+    # -- migration admission
+
+    async def _admit(self, facts: rv.ClusterFacts, entries: Mapping[str, Entry]) -> list[str]:
+        """Admit the queued migrations the scheduler lets start; returns what it admitted.
+
+        The snapshot is the watch's copy and may not show yet what the last step admitted:
+        only when it suggests admitting something are the records read again from the store
+        and the decision made on those, so that the limits hold exactly."""
+        limits = _limits(entries.get(self.keys.cluster_config))
+        down = {n for n, f in facts.nodes.items() if not f.alive}
+        recs = {mid: rec for mid, (rec, _) in facts.migrations.items()}
+        plan = scheduler.schedule(recs.values(), limits, down=down)
+        before, self._waits = self._waits, {mid: w.why for mid, w in plan.waiting.items()}
+        for mid, why in self._waits.items():
+            if before.get(mid) != why:
+                log.info("manager: migration %s waits: %s", mid, why)
+        if not plan.admit:
+            return []
+        fresh = await self._read_migrations()
+        plan = scheduler.schedule((rec for rec, _ in fresh.values()), limits, down=down)
+        done = []
+        for rec in plan.admit:
+            if await self._admit_one(rec, fresh[rec.id][1], waited_for=before.get(rec.id)):
+                done.append(f"admitted migration {rec.id} ({rec.vm} {rec.source} ->"
+                            f" {rec.target})")
+        return done
+
+    async def _read_migrations(self) -> dict[str, tuple[MigrationRecord, int]]:
+        entries, _ = await self.store.get_prefix(self.keys.migrations)
+        out: dict[str, tuple[MigrationRecord, int]] = {}
+        for e in entries:
+            parsed = self.keys.parse(e.key)
+            if parsed is None or parsed[2] != "record":
+                continue
+            try:
+                out[parsed[1]] = (codec.decode(MigrationRecord, e.value), e.mod_revision)
+            except InvalidSpec as err:
+                log.error("manager: ignoring malformed %s: %s", e.key, err)
+        return out
+
+    async def _admit_one(self, rec: MigrationRecord, rev: int, *, waited_for: str | None
+                         ) -> bool:
+        """One transaction: still manager, the record unchanged (not cancelled meanwhile).
+        The timeline says how long it queued and, if it had to wait, why."""
+        now = self.wall()
+        waited = f"admitted after {max(0.0, now - rec.created_at):.1f} s in the queue"
+        note = f"{waited} (it waited: {waited_for})" if waited_for else waited
+        admitted = dataclasses.replace(rec.note(at=now, node=self.node, note=note),
+                                       admitted_at=now)
+        key = self.keys.migration_record(rec.id)
+        if not await self._write([Put(key, codec.encode(admitted))],
+                                 [Compare.unchanged(key, rev)]):
+            log.info("manager: admission of migration %s skipped: it changed", rec.id)
+            return False
+        log.info("manager: migration %s (%s %s -> %s) %s", rec.id, rec.vm, rec.source,
+                 rec.target, note)
+        return True
+
     async def _prune(self, entries: Mapping[str, Entry]) -> None:
         now = self.clock()
         if now - self._pruned_at < 60:
@@ -244,3 +309,12 @@ class Manager:
             await self.store.txn([self._guard()], [Delete(key)])
 
 
+def _limits(entry: Entry | None) -> MigrationLimits:
+    if entry is None:
+        return MigrationLimits()
+    try:
+        return codec.decode(ClusterConfig, entry.value).migration_limits
+    except InvalidSpec as err:
+        log.error("manager: malformed cluster configuration, default migration limits: %s",
+                  err)
+        return MigrationLimits()

@@ -3,8 +3,9 @@
     root namespace: bridges <tag>-cl (cluster network; the host has .1 there and runs the
                     three etcd members on it, client ports 2379/2381/2383, peer ports
                     2380/2382/2384, data under /dev/shm),
-                    <tag>-mig and <tag>-mig2 (migration networks, no gateway), <tag>-lan
-                    (the shared LAN that every node's vmswitch is uplinked to)
+                    <tag>-mig and <tag>-mig2 (migration networks, no gateway; `ferry lab
+                    net NODE NETWORK gateway` gives a node a default route through one),
+                    <tag>-lan (the shared LAN that every node's vmswitch is uplinked to)
     <name>-nodeN:   cl0, mig0, mig1 (veths to the root bridges), vmswitch with uplink0
     <name>-client:  lan0 on the LAN; the prober runs here
 """

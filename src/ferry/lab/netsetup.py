@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from ferry.lab.layout import BRIDGE, LabLayout, Network
+from ferry.model.errors import LabError
 from ferry.shell import CommandFailed, run_sync
 
 
@@ -117,6 +118,8 @@ def _build_node(layout: LabLayout, node: str) -> None:
     _veth(ns=ns, inner=layout.lan.node_if, outer=layout.root_peer(i, layout.lan),
           bridge=layout.lan.bridge)
     ip("link", "set", "dev", layout.lan.node_if, "master", BRIDGE, "up", ns=ns)
+    # Lab nodes have no default route; `lab net NODE NET gateway` adds one, `lab up` undoes it.
+    ip("route", "del", "default", ns=ns, check=False)
 
 
 def set_link(layout: LabLayout, node: str, network: str, *, up: bool) -> None:
@@ -126,6 +129,48 @@ def set_link(layout: LabLayout, node: str, network: str, *, up: bool) -> None:
         raise CommandFailed(["ip"], 1, f"no network {network}")
     peer = layout.root_peer(layout.node_index(node), nets[network])
     ip("link", "set", "dev", peer, "up" if up else "down")
+
+
+NET_ACTIONS = ("down", "up", "cut", "plug", "gateway", "no-gateway")
+
+
+def addressed_network(layout: LabLayout, network: str) -> Network:
+    """A network the nodes have an address on (the cluster and migration networks)."""
+    nets = {n.name: n for n in (layout.cluster, *layout.migration_networks)}
+    if network not in nets:
+        raise LabError(f"no lab network {network!r} with node addresses: use one of"
+                       f" {', '.join(nets)}")
+    return nets[network]
+
+
+def net_action(layout: LabLayout, node: str, network: str, action: str) -> str:
+    """Change one node's link to a network; returns what was done.
+
+    down/up: the node sets its interface down or up (`ip link set mig0 down` on a host);
+    cut/plug: its cable (the root-side veth end: the node sees no carrier);
+    gateway/no-gateway: the node's default route goes through the network (next hop .1,
+    which need not answer: the route alone makes the network a routed one), or is removed.
+    """
+    net = addressed_network(layout, network)
+    layout.node_index(node)  # LabError for an unknown node
+    ns = layout.node_ns(node)
+    if action not in NET_ACTIONS:
+        raise LabError(f"no network action {action!r}: use one of {', '.join(NET_ACTIONS)}")
+    if ns not in namespaces():
+        raise LabError(f"{node} has no namespace {ns}: run `ferry lab up`")
+    if action in ("down", "up"):
+        ip("link", "set", "dev", net.node_if, action, ns=ns)
+        return f"{node}: {net.node_if} ({network}) set {action}"
+    if action in ("cut", "plug"):
+        set_link(layout, node, network, up=action == "plug")
+        done = "plugged in" if action == "plug" else "cut"
+        return f"{node}: cable of {net.node_if} ({network}) {done}"
+    if action == "gateway":
+        hop = f"{net.subnet_prefix}.1"
+        ip("route", "replace", "default", "via", hop, "dev", net.node_if, ns=ns)
+        return f"{node}: default route via {hop} on {net.node_if} ({network})"
+    ip("route", "del", "default", ns=ns, check=False)  # none there is fine
+    return f"{node}: no default route"
 
 
 def lab_namespaces(layout: LabLayout) -> list[str]:

@@ -55,6 +55,31 @@ class MigrateInfo:
     error: str = ""
 
 
+@dataclass(frozen=True)
+class MigrationParameters:
+    """query-migrate-parameters: the ones Ferry steers a migration with."""
+
+    downtime_limit_ms: int = 300
+    max_bandwidth: int = 0
+    throttle_trigger_threshold: int = 50
+    cpu_throttle_initial: int = 20
+    cpu_throttle_increment: int = 10
+    max_cpu_throttle: int = 99
+
+
+def parse_migrate_parameters(raw: object) -> MigrationParameters:
+    if not isinstance(raw, dict):
+        raise QemuError(f"query-migrate-parameters: unexpected answer {raw!r}")
+    return MigrationParameters(
+        downtime_limit_ms=_int(raw, "downtime-limit"),
+        max_bandwidth=_int(raw, "max-bandwidth"),
+        throttle_trigger_threshold=_int(raw, "throttle-trigger-threshold"),
+        cpu_throttle_initial=_int(raw, "cpu-throttle-initial"),
+        cpu_throttle_increment=_int(raw, "cpu-throttle-increment"),
+        max_cpu_throttle=_int(raw, "max-cpu-throttle"),
+    )
+
+
 def _int(d: Mapping[str, object], key: str) -> int:
     v = d.get(key, 0)
     return int(v) if isinstance(v, (int, float)) else 0
@@ -72,8 +97,10 @@ OUTGOING_ACTIVE = ("setup", "active", "device", "pre-switchover", "cancelling",
 def outgoing_status(raw: Mapping[str, object]) -> str:
     """The outgoing migration's state from query-migrate's fields (see MigrateInfo)."""
     status = str(raw.get("status", "none"))
+    if status.startswith("postcopy") and "ram" in raw:
+        return status  # the switch to post-copy already reports the downtime it took
     if "downtime" in raw:
-        return "completed"  # only a completed outgoing migration reports its downtime
+        return "completed"  # otherwise only a completed outgoing migration reports it
     if "ram" in raw:
         return status if status in OUTGOING_ACTIVE else "active"
     if "error-desc" in raw:
@@ -183,9 +210,12 @@ class Monitor:
         except (QMPError, OSError, EOFError) as err:
             log.debug("%s: disconnect: %s", self.name, err)
 
-    async def execute(self, cmd: str, args: Mapping[str, object] | None = None) -> object:
+    async def execute(self, cmd: str, args: Mapping[str, object] | None = None, *,
+                      oob: bool = False) -> object:
+        """``oob``: out of band, answered even while QEMU's main loop is blocked (the few
+        commands that allow it)."""
         try:
-            return await self._qmp.execute(cmd, args)
+            return await self._qmp.execute(cmd, args, oob=oob)
         except ExecuteError as err:
             raise QemuError(f"{self.name}: {cmd}: {err.error.error.desc}") from err
         except (QMPError, OSError, EOFError) as err:
@@ -237,8 +267,29 @@ class Monitor:
         if params:
             await self.execute("migrate-set-parameters", dict(params))
 
-    async def migrate(self, uri: str) -> None:
-        await self.execute("migrate", {"uri": uri})
+    async def query_parameters(self) -> MigrationParameters:
+        return parse_migrate_parameters(await self.execute("query-migrate-parameters"))
+
+    async def migrate(self, uri: str, *, resume: bool = False) -> None:
+        """Start an outgoing migration; ``resume``: reconnect a paused post-copy."""
+        args: dict[str, object] = {"uri": uri}
+        if resume:
+            args["resume"] = True
+        await self.execute("migrate", args)
+
+    async def migrate_start_postcopy(self) -> None:
+        """Switch to post-copy at the end of the current pass (needs postcopy-ram on both
+        sides, set before the migration started)."""
+        await self.execute("migrate-start-postcopy")
+
+    async def migrate_pause(self) -> None:
+        """Break a post-copy stream on purpose: both sides wait in postcopy-paused."""
+        await self.execute("migrate-pause")
+
+    async def migrate_recover(self, uri: str) -> None:
+        """On a target in postcopy-paused: listen at ``uri`` for the source to resume. Out of
+        band: the main loop may be blocked on a page that has not arrived."""
+        await self.execute("migrate-recover", {"uri": uri}, oob=True)
 
     async def migrate_incoming(self, uri: str) -> None:
         await self.execute("migrate-incoming", {"uri": uri})

@@ -8,6 +8,8 @@
       nodes/<node>/alive            on the node's lease: the node is up while it exists
       nodes/<node>/fenced           FenceRecord: the manager took the node's VMs away
       nodes/<node>/paused           exists while an operator paused the node (no placement)
+      nodes/<node>/networks         NodeNetworks: its links to the cluster networks, on its
+                                    lease, rewritten by the agent when a link changes
       manager                       the elected manager's node name, on its lease
       migrations/<id>/record        MigrationRecord (phases, timeline, outcome)
       migrations/<id>/progress      the latest MigrationProgress sample (frequent writes)
@@ -65,6 +67,9 @@ class Keys:
 
     def node_paused(self, node: str) -> str:
         return f"{self.nodes}{node}/paused"
+
+    def node_networks(self, node: str) -> str:
+        return f"{self.nodes}{node}/networks"
 
     @property
     def manager(self) -> str:

@@ -635,7 +635,6 @@ class Simulation:
         first kills the QEMUs of VMs it no longer owns and clears fenced in the same txn."""
         sent = self.clock() - self.u(self.lat.keepalive_early)
         lease = await n.store.grant_lease(self.timing.ttl)
-        await n.store.put(KEYS.node_info(n.name), codec.encode(n.info()))
         while not await self._come_alive(n, lease):
             pass
         n.fenced_vms = []
@@ -651,7 +650,8 @@ class Simulation:
     async def _come_alive(self, n: SimNode, lease: int) -> bool:
         """Membership._come_alive: alive + clearing fenced, guarded by fenced's revision."""
         key = KEYS.node_fenced(n.name)
-        ops: list[TxnOp] = [Put(KEYS.node_alive(n.name), str(n.pid), lease=lease)]
+        ops: list[TxnOp] = [Put(KEYS.node_info(n.name), codec.encode(n.info())),
+                            Put(KEYS.node_alive(n.name), str(n.pid), lease=lease)]
         fenced = await n.store.get(key)
         if fenced is not None:
             killed = await self._kill_lost_vms(n)

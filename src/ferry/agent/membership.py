@@ -72,8 +72,7 @@ class Membership:
             lease_ttl=self.timings.lease_ttl, watchdog_s=self.timings.watchdog_s,
             fence_delay_s=self.timings.fence_delay_s,
         )
-        await ctx.store.put(ctx.keys.node_info(self.node), codec.encode(info))
-        while not await self._come_alive(lease):
+        while not await self._come_alive(lease, info):
             pass  # fenced in between: clean up again
         self.fenced_vms = []
         ctx.lease = lease
@@ -87,12 +86,15 @@ class Membership:
                  ctx.hardware.accel, ctx.hardware.cpu_model)
         self.on_change()
 
-    async def _come_alive(self, lease: int) -> bool:
+    async def _come_alive(self, lease: int, info: NodeInfo) -> bool:
         """``alive`` on the new lease, in one transaction with clearing ``fenced`` (after
         killing what the node lost), guarded so that a fence written meanwhile is seen."""
         ctx = self.ctx
         key = ctx.keys.node_fenced(self.node)
-        ops: list[TxnOp] = [Put(ctx.keys.node_alive(self.node), str(os.getpid()), lease=lease)]
+        # The info and ``alive`` together: a manager never sees a new node without ``alive``
+        # (and calls it down).
+        ops: list[TxnOp] = [Put(ctx.keys.node_info(self.node), codec.encode(info)),
+                            Put(ctx.keys.node_alive(self.node), str(os.getpid()), lease=lease)]
         fenced = await ctx.store.get(key)
         if fenced is not None:
             killed = await self._kill_lost_vms()

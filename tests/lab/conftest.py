@@ -25,6 +25,7 @@ from ferry.lab import netsetup, procs
 from ferry.lab.guestctl import guest_get, wait_guest
 from ferry.lab.layout import LabLayout
 from ferry.model.errors import FerryError
+from ferry.model.ha import HaPolicy
 from ferry.store.etcd import EtcdStore
 from ferry.store.keys import Keys
 
@@ -95,8 +96,9 @@ async def make_vm(lab: labmod.LabState, cl: ClusterClient) -> AsyncIterator[
     """Create and start a VM on a node, wait until its guest answers; removed afterwards."""
     made: list[str] = []
 
-    async def make(name: str, *, node: str = "node1", memory_mib: int = 256) -> Vm:
-        await vms_ctl.create_vm(cl, name, memory_mib=memory_mib)
+    async def make(name: str, *, node: str = "node1", memory_mib: int = 256,
+                   ha: HaPolicy | None = None, kernel_args: str = "") -> Vm:
+        await vms_ctl.create_vm(cl, name, memory_mib=memory_mib, ha=ha, kernel_args=kernel_args)
         made.append(name)
         token = await vms_ctl.start_vm(cl, name, node=node)
         view = await vms_ctl.wait_started(cl, name, token=token)

@@ -30,7 +30,6 @@ from ferry.control.client import ClusterClient
 from ferry.lab import faults, procs
 from ferry.lab import lab as labmod
 from ferry.lab.diskrecords import check_records, read_records
-from ferry.lab.guestctl import wait_guest
 from ferry.model.errors import FerryError
 from ferry.model.ha import EventKind, HaPolicy, HaPriority
 from tests.lab.conftest import Vm, all_qemu_pids, eventually, ferry
@@ -74,26 +73,15 @@ async def watching(lab: labmod.LabState, vm: str) -> AsyncIterator[TwoCopyWatch]
 
 
 @pytest.fixture
-async def ha_vm(lab: labmod.LabState, cl: ClusterClient) -> AsyncIterator[Callable[..., Any]]:
+def ha_vm(make_vm: Callable[..., Any], cl: ClusterClient) -> Callable[..., Any]:
     """An HA VM whose guest writes fsynced, tagged records to its disk from boot on."""
-    made: list[str] = []
-
     async def make(name: str, *, node: str, priority: HaPriority = HaPriority.MEDIUM) -> Vm:
-        await vms_ctl.create_vm(cl, name, ha=HaPolicy(priority=priority),
-                                kernel_args="ferry.diskwriter=20")
-        made.append(name)
-        token = await vms_ctl.start_vm(cl, name, node=node)
-        view = await vms_ctl.wait_started(cl, name, token=token)
-        assert view.ip is not None and view.ha_armed
-        await wait_guest(lab.layout.client_ns, view.ip)
-        return Vm(name=name, ip=view.ip, client_ns=lab.layout.client_ns)
+        vm: Vm = await make_vm(name, node=node, ha=HaPolicy(priority=priority),
+                               kernel_args="ferry.diskwriter=20")
+        assert (await vms_ctl.show_vm(cl, name)).ha_armed  # armed before it started
+        return vm
 
-    yield make
-    for name in made:
-        try:
-            await vms_ctl.destroy_vm(cl, name)
-        except FerryError as err:
-            print(f"cleanup of {name}: {err}")
+    return make
 
 
 @pytest.fixture

@@ -110,3 +110,13 @@ async def running_vm(c: Cluster, name: str, node: str, *, memory_mib: int = 256)
 
 def owner_on(node: str) -> Owner:
     return Owner(node=node, power=Power.ON)
+
+
+async def cluster_with_vms(tmp_path: Path, vms: tuple[str, ...]) -> Cluster:
+    """Nodes node1-3, and ``vms`` running on node1."""
+    cluster = await make_cluster(tmp_path)
+    for n in ("node1", "node2", "node3"):
+        await cluster.add_node(n)
+    for vm in vms:
+        await running_vm(cluster, vm, "node1")
+    return cluster

@@ -28,19 +28,14 @@ from ferry.model.ha import HaPolicy
 from ferry.model.migration import MigrationOptions, MigrationPhase, MigrationRecord
 from ferry.model.policy import MigrationLimits
 from ferry.model.vm import Owner, Power
-from tests.unit.control_harness import Cluster, make_cluster, running_vm
+from tests.unit.control_harness import Cluster, cluster_with_vms, make_cluster, running_vm
 
 MiB = 1024**2
 
 
 @pytest.fixture
 async def c(tmp_path: Path) -> Cluster:
-    cluster = await make_cluster(tmp_path)
-    for n in ("node1", "node2", "node3"):
-        await cluster.add_node(n)
-    for vm in ("a", "b", "c"):
-        await running_vm(cluster, vm, "node1")
-    return cluster
+    return await cluster_with_vms(tmp_path, ("a", "b", "c"))
 
 
 async def record_of(c: Cluster, mid: str) -> MigrationRecord:

@@ -15,18 +15,13 @@ from ferry.control.migrations import (
 from ferry.model import codec
 from ferry.model.migration import MigrationPhase, MigrationRecord
 from ferry.store.memory import ManualClock
-from tests.unit.control_harness import Cluster, make_cluster, running_vm
+from tests.unit.control_harness import Cluster, cluster_with_vms
 from tests.unit.test_ha_manager import elected, manager, snapshot, step
 
 
 @pytest.fixture
 async def c(tmp_path: Path) -> Cluster:
-    c = await make_cluster(tmp_path)
-    for n in ("node1", "node2", "node3"):
-        await c.add_node(n)
-    for vm in ("a", "b", "c"):
-        await running_vm(c, vm, "node1")
-    return c
+    return await cluster_with_vms(tmp_path, ("a", "b", "c"))
 
 
 @pytest.fixture

@@ -63,21 +63,6 @@ def ok(r: Result) -> Result:
     return r
 
 
-def known_bug(reason: str) -> pytest.MarkDecorator:
-    """A bug the simulation found and src/ has not fixed yet: the test fails as expected;
-    once fixed it passes, and strict xfail turns that into a failure: remove the mark (and
-    the bug's Masks switch)."""
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
-
-
-def only(r: Result, violation: str) -> None:
-    """For a known bug: fails (AssertionError, the expected failure) with that violation
-    only; any other violation is a real failure."""
-    if not r.ok and violation not in r.violations[0]:
-        raise RuntimeError("not the known bug:\n" + r.report())
-    ok(r)
-
-
 # -- thousands of random schedules ---------------------------------------------------------
 
 def test_random_schedules(capsys: pytest.CaptureFixture[str]) -> None:
